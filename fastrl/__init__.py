@@ -1,0 +1,11 @@
+"""fastrl: multi-turn tool-use RL for language models.
+
+    from fastrl import Config, train, evaluate
+    summary = train("configs/smoke.yaml", ["rl.steps=2"])
+"""
+
+from fastrl.api import evaluate, train
+from fastrl.config import Config, ConfigError, load_config
+
+__all__ = ["Config", "ConfigError", "evaluate", "load_config", "train"]
+__version__ = "0.1.0"

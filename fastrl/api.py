@@ -1,0 +1,124 @@
+"""The Python API: `train(config)` and `evaluate(...)`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fastrl.config import Config, config_from_dict, load_config
+
+
+def _as_config(config: Config | dict | str | Path | None, overrides: list[str] | None) -> Config:
+    if config is None or isinstance(config, (str, Path)):
+        return load_config(config, overrides)
+    if isinstance(config, dict):
+        cfg = config_from_dict(config)
+    else:
+        cfg = config.validate()
+    if overrides:
+        from fastrl.config import _merge, _nest, parse_override
+
+        for text in overrides:
+            _merge(cfg, _nest(*parse_override(text)))
+        cfg.validate()
+    return cfg
+
+
+def train(
+    config: Config | dict | str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run SFT then RL as configured; returns the run summary (also in run_dir/summary.json)."""
+    from fastrl.train.trainer import train as run
+
+    return run(_as_config(config, overrides), resume=resume)
+
+
+def evaluate(
+    split: str = "test",
+    *,
+    policy: str = "model",
+    model: str | None = None,
+    config: Config | dict | str | Path | None = None,
+    overrides: list[str] | None = None,
+    env: str | None = None,
+    limit: int | None = None,
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """Greedy evaluation of a policy on one split.
+
+    `policy` is `model` (the model at `model`, a local HF directory or a preset; defaults to the
+    config's), `oracle` (each task's expert messages) or `replay:FILE.jsonl` (lines of
+    `{"task_id": ..., "messages": [assistant message texts in order]}`). With `out`, writes
+    `out/summary.json` and `out/results.jsonl`. Returns the summary.
+    """
+    from fastrl.envs import get_world
+    from fastrl.rollout.engines import HFEngine, ScriptedEngine
+    from fastrl.train.trainer import build_policy, evaluate_policy, limits_of
+
+    cfg = _as_config(config, overrides)
+    if env is not None:
+        cfg.env.name = env
+    if model is not None:
+        cfg.model.name = model
+    cfg.validate()
+    world = get_world(cfg.env.name)
+    tasks = world.tasks(split, limit or cfg.env.eval_tasks, seed=cfg.env.seed)
+    net, tokenizer, _ = build_policy(cfg)
+    request_ids = None
+    if policy == "model":
+        engine = HFEngine(net, tokenizer.pad_token_id, max_batch=cfg.rollout.batch_size)
+    elif policy == "oracle":
+        engine = ScriptedEngine(tokenizer, {t.id: [m for turn in t.expert for m in turn] for t in tasks})
+        request_ids = [t.id for t in tasks]
+    elif policy.startswith("replay:"):
+        engine = ScriptedEngine(tokenizer, read_replay(policy.split(":", 1)[1]))
+        request_ids = [t.id for t in tasks]
+    else:
+        raise ValueError(f"policy must be model, oracle or replay:FILE.jsonl, got {policy!r}")
+    summary, rows = evaluate_policy(
+        engine, tokenizer, world, tasks, limits_of(cfg), batch_size=cfg.rollout.batch_size,
+        request_ids=request_ids,
+    )
+    summary.update(split=split, env=cfg.env.name, policy=policy, model=cfg.model.name)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        with open(out / "results.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return summary
+
+
+def read_replay(path: str | Path) -> dict[str, list[str]]:
+    """Replay file -> {task_id: [assistant messages]}; a malformed line is a clear error."""
+    scripts: dict[str, list[str]] = {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"replay file not found: {path}")
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if isinstance(messages, list):
+            messages = [m.get("content") if isinstance(m, dict) else m for m in messages]
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("task_id"), str)
+            or not isinstance(messages, list)
+            or not all(isinstance(m, str) for m in messages)
+        ):
+            raise ValueError(
+                f"{path}:{lineno}: expected {{\"task_id\": str, \"messages\": [str or "
+                f"{{\"content\": str}}, ...]}}"
+            )
+        scripts[row["task_id"]] = messages
+    return scripts

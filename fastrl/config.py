@@ -1,0 +1,375 @@
+"""Run configuration: a few dataclasses, YAML presets, dotted command-line overrides.
+
+The defaults are the built-in demo (`fastrl demo`): a tiny model on the synthetic tool world on CPU.
+`load_config("configs/x.yaml", ["rl.lr=1e-5"])` merges a YAML file and overrides; unknown keys,
+wrong types and impossible values raise `ConfigError` naming the key, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, has the wrong type or an impossible value."""
+
+
+@dataclass
+class ModelConfig:
+    # A built-in preset (tiny | small | base) or a local Hugging Face causal-LM directory.
+    name: str = "tiny"
+    # Parameter dtype for training: float32 | bfloat16.
+    dtype: str = "float32"
+    # BPE vocabulary size of a preset's tokenizer (presets only).
+    vocab_size: int = 1024
+    # Seed of a preset's random initialisation (presets only).
+    init_seed: int = 0
+    # Recompute activations in the backward pass to save memory.
+    gradient_checkpointing: bool = False
+    # Where built presets (tokenizer + random-init weights) are cached.
+    cache_dir: str = ".cache/fastrl/models"
+
+
+@dataclass
+class EnvConfig:
+    # Environment name (see fastrl.envs.ENVS).
+    name: str = "synthetic"
+    # Number of training tasks (the pool SFT and RL draw from).
+    train_tasks: int = 3000
+    # Number of held-out tasks per evaluated split.
+    eval_tasks: int = 100
+    # Seed of the task generator.
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    # Generation engine: hf (transformers generate on the training model).
+    engine: str = "hf"
+    # Maximum assistant turns per episode.
+    max_turns: int = 8
+    # Maximum tokens the policy may generate in one assistant turn.
+    max_turn_tokens: int = 96
+    # Maximum tokens of one observation (longer tool outputs are cut).
+    max_obs_tokens: int = 128
+    # Maximum prompt + response tokens of an episode.
+    max_total_tokens: int = 1024
+    # Sampling temperature for RL rollouts (evaluation is greedy).
+    temperature: float = 1.0
+    # Nucleus sampling threshold for RL rollouts.
+    top_p: float = 1.0
+    # Trajectories generated together in one engine call.
+    batch_size: int = 128
+
+
+@dataclass
+class SFTConfig:
+    # Optimizer steps of the SFT phase on expert trajectories (0 skips it).
+    steps: int = 120
+    # Expert trajectories per optimizer step.
+    batch_size: int = 32
+    # Peak learning rate.
+    lr: float = 2e-3
+    # Fraction of the steps spent in linear warm-up.
+    warmup_ratio: float = 0.05
+    # Learning-rate schedule after warm-up: constant | cosine | linear.
+    schedule: str = "cosine"
+    # Aggregation of the SFT token loss: token-mean | seq-mean-token-mean.
+    loss_agg: str = "token-mean"
+
+
+@dataclass
+class RLConfig:
+    # RL steps (each: sample groups, score, advantages, policy update); 0 skips RL.
+    steps: int = 30
+    # Distinct tasks per RL step.
+    prompts_per_step: int = 16
+    # Rollouts per task (the GRPO group).
+    group_size: int = 8
+    # Peak learning rate.
+    lr: float = 2e-4
+    # Linear warm-up steps.
+    warmup_steps: int = 2
+    # Learning-rate schedule after warm-up: constant | cosine | linear.
+    schedule: str = "constant"
+    # Optimizer steps per RL step (the batch is split into this many mini-batches).
+    updates_per_step: int = 1
+    # Advantage estimator: grpo | drgrpo | rloo.
+    advantage: str = "grpo"
+    # Policy loss from fastrl.algo.losses.POLICY_LOSSES: ppo | gspo | cispo.
+    loss: str = "ppo"
+    # Loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm.
+    loss_agg: str = "token-mean"
+    # Lower clip range of the ratio (1 - clip_low).
+    clip_low: float = 0.2
+    # Upper clip range of the ratio (1 + clip_high); > clip_low is DAPO's clip-higher.
+    clip_high: float = 0.2
+    # Dual-clip constant c > 1 for negative advantages; null disables it.
+    dual_clip: float | None = 3.0
+    # KL coefficient against the frozen reference (the model at the start of RL); 0 disables it.
+    kl_coef: float = 0.0
+    # KL estimator: k1 | k2 | k3.
+    kl_estimator: str = "k3"
+    # Entropy bonus coefficient.
+    entropy_coef: float = 0.0
+    # Groups whose rewards all agree carry no signal: off (keep) | drop | refill (sample more tasks).
+    dynamic_sampling: str = "off"
+    # Extra sampling rounds allowed by dynamic_sampling=refill.
+    max_refill_rounds: int = 2
+    # Exclude trajectories cut by a length or turn limit from the loss (DAPO overlong filtering).
+    mask_truncated: bool = True
+
+
+@dataclass
+class OptimConfig:
+    # AdamW weight decay.
+    weight_decay: float = 0.01
+    # AdamW betas.
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    # Gradient-norm clip; 0 disables it.
+    grad_clip: float = 1.0
+    # Token budget of one micro-batch (padded tokens); bounds activation memory.
+    micro_batch_tokens: int = 16384
+
+
+@dataclass
+class EvalConfig:
+    # Splits evaluated after RL (the test split is also evaluated after SFT).
+    splits: list[str] = field(default_factory=lambda: ["test", "format_ood", "content_ood"])
+    # Evaluate the test split every N RL steps (0: only after SFT and at the end).
+    every: int = 0
+
+
+@dataclass
+class Config:
+    # Run directory: metrics.jsonl, config.yaml, checkpoints/, events, summary.json.
+    run_dir: str = "runs/demo"
+    # Global seed (sampling, data order).
+    seed: int = 0
+    # Write a checkpoint every N optimizer steps of a phase and at each phase end; 0: phase ends only.
+    checkpoint_every: int = 0
+    # Keep this many most recent checkpoints.
+    keep_checkpoints: int = 2
+    # Show a progress bar on stderr.
+    progress: bool = True
+    # Write TensorBoard event files beside metrics.jsonl.
+    tensorboard: bool = True
+    # torch intra-op threads; 0 keeps torch's default.
+    threads: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> Config:
+        """Check values that are well-typed but impossible; raise ConfigError naming the key."""
+        from fastrl.algo.advantages import ESTIMATORS
+        from fastrl.algo.losses import POLICY_LOSSES
+        from fastrl.envs import ENVS
+
+        aggs = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+        schedules = ("constant", "cosine", "linear")
+        splits = ("train", "test", "format_ood", "content_ood")
+        checks: list[tuple[str, bool, str]] = [
+            ("model.dtype", self.model.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
+            ("model.vocab_size", self.model.vocab_size >= 300, ">= 300"),
+            ("env.name", self.env.name in ENVS, f"one of {sorted(ENVS)}"),
+            ("env.train_tasks", self.env.train_tasks >= 1, ">= 1"),
+            ("env.eval_tasks", self.env.eval_tasks >= 1, ">= 1"),
+            ("rollout.engine", self.rollout.engine in ("hf",), "hf"),
+            ("rollout.max_turns", self.rollout.max_turns >= 1, ">= 1"),
+            ("rollout.max_turn_tokens", self.rollout.max_turn_tokens >= 1, ">= 1"),
+            ("rollout.max_obs_tokens", self.rollout.max_obs_tokens >= 1, ">= 1"),
+            ("rollout.max_total_tokens", self.rollout.max_total_tokens >= 16, ">= 16"),
+            ("rollout.temperature", self.rollout.temperature > 0, "> 0"),
+            ("rollout.top_p", 0 < self.rollout.top_p <= 1, "in (0, 1]"),
+            ("rollout.batch_size", self.rollout.batch_size >= 1, ">= 1"),
+            ("sft.steps", self.sft.steps >= 0, ">= 0"),
+            ("sft.batch_size", self.sft.batch_size >= 1, ">= 1"),
+            ("sft.lr", self.sft.lr > 0, "> 0"),
+            ("sft.warmup_ratio", 0 <= self.sft.warmup_ratio < 1, "in [0, 1)"),
+            ("sft.schedule", self.sft.schedule in schedules, f"one of {schedules}"),
+            ("sft.loss_agg", self.sft.loss_agg in aggs[:2], f"one of {aggs[:2]}"),
+            ("rl.steps", self.rl.steps >= 0, ">= 0"),
+            ("rl.prompts_per_step", self.rl.prompts_per_step >= 1, ">= 1"),
+            ("rl.group_size", self.rl.group_size >= 2, ">= 2 (a group needs a baseline)"),
+            ("rl.lr", self.rl.lr > 0, "> 0"),
+            ("rl.warmup_steps", self.rl.warmup_steps >= 0, ">= 0"),
+            ("rl.schedule", self.rl.schedule in schedules, f"one of {schedules}"),
+            ("rl.updates_per_step", self.rl.updates_per_step >= 1, ">= 1"),
+            ("rl.advantage", self.rl.advantage in ESTIMATORS, f"one of {sorted(ESTIMATORS)}"),
+            ("rl.loss", self.rl.loss in POLICY_LOSSES, f"one of {sorted(POLICY_LOSSES)}"),
+            ("rl.loss_agg", self.rl.loss_agg in aggs, f"one of {aggs}"),
+            ("rl.clip_low", 0 <= self.rl.clip_low < 1, "in [0, 1)"),
+            ("rl.clip_high", self.rl.clip_high >= 0, ">= 0"),
+            ("rl.dual_clip", self.rl.dual_clip is None or self.rl.dual_clip > 1, "> 1 or null"),
+            ("rl.kl_coef", self.rl.kl_coef >= 0, ">= 0"),
+            ("rl.kl_estimator", self.rl.kl_estimator in ("k1", "k2", "k3"), "k1, k2 or k3"),
+            ("rl.entropy_coef", self.rl.entropy_coef >= 0, ">= 0"),
+            (
+                "rl.dynamic_sampling",
+                self.rl.dynamic_sampling in ("off", "drop", "refill"),
+                "off, drop or refill",
+            ),
+            ("rl.max_refill_rounds", self.rl.max_refill_rounds >= 0, ">= 0"),
+            ("optim.weight_decay", self.optim.weight_decay >= 0, ">= 0"),
+            (
+                "optim.betas",
+                len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas),
+                "two values in [0, 1)",
+            ),
+            ("optim.grad_clip", self.optim.grad_clip >= 0, ">= 0"),
+            ("optim.micro_batch_tokens", self.optim.micro_batch_tokens >= 16, ">= 16"),
+            ("eval.splits", all(s in splits for s in self.eval.splits), f"a list from {splits}"),
+            ("eval.every", self.eval.every >= 0, ">= 0"),
+            ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+            ("threads", self.threads >= 0, ">= 0"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"{key}: got {_get(self, key)!r}, expected {expected}")
+        if self.rollout.max_turn_tokens >= self.rollout.max_total_tokens:
+            raise ConfigError(
+                f"rollout.max_turn_tokens: {self.rollout.max_turn_tokens} must be smaller than "
+                f"rollout.max_total_tokens ({self.rollout.max_total_tokens})"
+            )
+        return self
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` converted to `annotation`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {annotation!r}")
+
+
+def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    """Assign `data` onto dataclass `obj` in place, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key '{dotted}' (valid here: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(dotted, value, hints[key]))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`"rl.lr=1e-5"` -> `("rl.lr", 1e-05)`; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        _merge(cfg, data)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _merge(cfg, _nest(key, value))
+    return cfg.validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A validated Config from a (possibly partial) nested mapping."""
+    cfg = Config()
+    _merge(cfg, data)
+    return cfg.validate()
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -1,0 +1,1 @@
+"""Monitoring: metric logging (JSONL, TensorBoard, progress)."""

@@ -1,0 +1,1 @@
+"""Training: the loop (`trainer.py`) and atomic checkpoints (`checkpoint.py`)."""

@@ -1,0 +1,24 @@
+import os
+
+import pytest
+
+# Tests run on the CPU; keep the thread count modest so parallel CI machines are not oversubscribed.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def world():
+    from fastrl.envs import get_world
+
+    return get_world("synthetic")
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory, world):
+    """The tiny preset with a small tool-world tokenizer: (model, tokenizer, dir)."""
+    from fastrl.models import load_model
+
+    cache = tmp_path_factory.mktemp("models")
+    return load_model(
+        "tiny", corpus=lambda: world.tokenizer_corpus(n_tasks=300), cache_dir=cache, vocab_size=512
+    )

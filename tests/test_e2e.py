@@ -1,0 +1,113 @@
+"""End-to-end runs of configs/smoke.yaml: train, eval CLI, resume after a crash."""
+
+import json
+
+import pytest
+
+from fastrl.cli import main
+from fastrl.train import trainer
+
+CONTRACT = [
+    "step", "phase", "reward/mean", "success/mean", "loss", "clip_frac", "grad_norm", "lr",
+    "entropy", "rollout/logprob_diff_mean", "time/rollout", "time/train", "time/sync",
+    "throughput/tokens_per_s",
+]
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    code = main(["train", "--config", "configs/smoke.yaml", f"run_dir={run_dir}"])
+    assert code == 0
+    return run_dir
+
+
+def test_smoke_run_writes_everything(smoke_run, capsys):
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    for key in ("sft_success", "rl_success", "format_ood_success", "content_ood_success",
+                "minutes", "engine", "run_dir"):
+        assert key in summary
+    assert 0.0 <= summary["rl_success"] <= 1.0
+    rows = _rows(smoke_run)
+    assert [r["step"] for r in rows] == list(range(1, 6))
+    assert [r["phase"] for r in rows] == ["sft"] * 3 + ["rl"] * 2
+    for key in CONTRACT:
+        assert key in rows[-1], key
+    assert all(r["loss"] == r["loss"] for r in rows)  # no NaN
+    assert rows[0]["loss"] > 0
+    assert (smoke_run / "config.yaml").exists()
+    assert list((smoke_run / "tb").iterdir())
+    assert (smoke_run / "final" / "config.json").exists()
+
+
+def test_eval_cli_model_and_oracle_and_replay(smoke_run, tmp_path, capsys):
+    out = tmp_path / "oracle"
+    assert main(["eval", "--env", "synthetic", "--split", "test", "--policy", "oracle",
+                 "--config", "configs/smoke.yaml", "--out", str(out), "--limit", "5"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["success"] == 1.0 and summary["n"] == 5
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(r["success"] for r in rows)
+
+    replay = tmp_path / "replay.jsonl"
+    lines = []
+    for i, row in enumerate(rows):
+        msgs = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        if i == 0:
+            msgs = ["<tool_call>\n{broken\n</tool_call>"]  # one task answered badly
+        lines.append(json.dumps({"task_id": row["task_id"], "messages": msgs}))
+    replay.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "replay"
+    assert main(["eval", "--split", "test", "--policy", f"replay:{replay}", "--config",
+                 "configs/smoke.yaml", "--out", str(out), "--limit", "5"]) == 0
+    assert json.loads((out / "summary.json").read_text())["success"] == pytest.approx(0.8)
+
+    out = tmp_path / "model"
+    assert main(["eval", "--split", "format_ood", "--policy", "model", "--model",
+                 str(smoke_run / "final"), "--config", "configs/smoke.yaml", "--out", str(out),
+                 "--limit", "3"]) == 0
+    assert json.loads((out / "summary.json").read_text())["n"] == 3
+
+
+def test_bad_replay_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task_id": 3}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        main(["eval", "--policy", f"replay:{bad}", "--config", "configs/smoke.yaml",
+              "--out", str(tmp_path / "o"), "--limit", "2"])
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
+    args = ["train", "--config", "configs/smoke.yaml", "checkpoint_every=1", "rl.steps=3"]
+    full = tmp_path / "full"
+    assert main(args + [f"run_dir={full}"]) == 0
+
+    crashed = tmp_path / "crashed"
+    real_update = trainer.policy_update
+    calls = {"n": 0}
+
+    def crash_on_second(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return real_update(*a, **kw)
+
+    monkeypatch.setattr(trainer, "policy_update", crash_on_second)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(args + [f"run_dir={crashed}"])
+    monkeypatch.setattr(trainer, "policy_update", real_update)
+    assert [r["step"] for r in _rows(crashed)] == [1, 2, 3, 4]
+    assert main(args + [f"run_dir={crashed}", "--resume"]) == 0
+
+    a, b = _rows(full), _rows(crashed)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        for key in ("loss", "reward/mean", "grad_norm"):
+            assert ra.get(key) == pytest.approx(rb.get(key), rel=1e-4, abs=1e-6), (ra["step"], key)
+    sa = json.loads((full / "summary.json").read_text())
+    sb = json.loads((crashed / "summary.json").read_text())
+    assert sa["rl_success"] == sb["rl_success"]
