@@ -106,8 +106,10 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
     a, b = _rows(full), _rows(crashed)
     assert [r["step"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b):
-        for key in ("loss", "reward/mean", "grad_norm"):
-            assert ra.get(key) == pytest.approx(rb.get(key), rel=1e-4, abs=1e-6), (ra["step"], key)
+        assert ra.keys() == rb.keys()
+        for key in ("loss", "reward/mean", "grad_norm", "entropy"):
+            if key in ra:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (ra["step"], key)
     sa = json.loads((full / "summary.json").read_text())
     sb = json.loads((crashed / "summary.json").read_text())
     assert sa["rl_success"] == sb["rl_success"]

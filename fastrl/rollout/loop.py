@@ -48,6 +48,11 @@ def _observation_ids(tokenizer: Any, messages: list[dict], max_obs_tokens: int) 
     return tokenizer.encode("\n" + text, add_special_tokens=False)
 
 
+def _prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 def run_episodes(
     engine: Engine,
     tokenizer: Any,
@@ -71,13 +76,11 @@ def run_episodes(
     for i, task in enumerate(tasks):
         env = make_env()
         messages = env.reset(task)
-        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if not isinstance(prompt_ids, list):  # some tokenizer versions return a BatchEncoding
-            prompt_ids = list(prompt_ids["input_ids"])
+        prompt_ids = _prompt_ids(tokenizer, messages)
         traj = Trajectory(
             task_id=task.id,
             group_id=group_ids[i] if group_ids is not None else i,
-            prompt_ids=list(prompt_ids),
+            prompt_ids=prompt_ids,
             messages=[dict(m) for m in messages],
         )
         rid = request_ids[i] if request_ids is not None else f"{task.id}#{i}"
@@ -89,9 +92,7 @@ def run_episodes(
             if system_suffix[i]:
                 msgs = [dict(m) for m in ep.traj.messages]
                 msgs[0]["content"] = msgs[0]["content"] + "\n" + system_suffix[i]
-                sample_prompts[i] = list(
-                    tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-                )
+                sample_prompts[i] = _prompt_ids(tokenizer, msgs)
 
     live = list(range(len(episodes)))
     for _turn in range(limits.max_turns):

@@ -471,10 +471,10 @@ def rl_phase(cfg, model, tokenizer, world, engine, train_tasks, limits, state, o
             adv = group_advantages(rewards, gids, estimator=cfg.rl.advantage)  # [N]
             for t, a in zip(trajs, adv.tolist()):
                 t.info["advantage"] = a
-                if cfg.rl.mask_truncated and t.truncated:
-                    t.loss_mask = [0] * len(t.loss_mask)
-            stats = policy_update(cfg, model, ref_model, optimizer, loss_fn, trajs, pad_id, T,
-                                  control_ids, newline_id, state["phase_step"])
+            trained = [t for t in trajs if not (cfg.rl.mask_truncated and t.truncated)]
+            row["rollout/masked_truncated"] = 1 - len(trained) / len(trajs)
+            stats = policy_update(cfg, model, ref_model, optimizer, loss_fn, trained, trajs, pad_id,
+                                  T, control_ids, newline_id, state["phase_step"])
             row.update(stats)
         state["phase_step"] += 1
         state["step"] += 1
@@ -493,9 +493,12 @@ def rl_phase(cfg, model, tokenizer, world, engine, train_tasks, limits, state, o
             checkpoint(optimizer)
 
 
-def policy_update(cfg, model, ref_model, optimizer, loss_fn, trajs, pad_id, temperature,
+def policy_update(cfg, model, ref_model, optimizer, loss_fn, trajs, sampled, pad_id, temperature,
                   control_ids, newline_id, phase_step) -> dict[str, float]:
-    """`updates_per_step` optimizer steps over mini-batches of `trajs`; returns step metrics."""
+    """`updates_per_step` optimizer steps over mini-batches of `trajs`; returns step metrics.
+
+    `sampled` (a superset of `trajs`) is measured instead when no trajectory carries a signal.
+    """
     rl = cfg.rl
     uses_all_tokens = rl.kl_coef > 0 or rl.entropy_coef > 0
     lr = rl.lr * lr_factor(phase_step, rl.steps, rl.warmup_steps, rl.schedule)
@@ -552,17 +555,36 @@ def policy_update(cfg, model, ref_model, optimizer, loss_fn, trajs, pad_id, temp
             for key in ("clip_frac", "kl", "ratio_mean"):
                 if key in stats:
                     add(key, float(stats[key]), g_tokens)
-            add("entropy", (entropy * mask).sum().item() / max(1.0, g_tokens), g_tokens)
-            diff = ((logp.detach() - batch.engine_logprobs).abs() * mask).sum().item()
-            add("rollout/logprob_diff_mean", diff / max(1.0, g_tokens), g_tokens)
-            probe = probe_rows(batch, control_ids[2], newline_id)
-            if ctrl_probs is not None and probe.any():
-                for k, key in enumerate(CONTROL_KEYS):
-                    add(f"ctrl/p_{key}", ctrl_probs[probe, k].mean().item(), probe.sum().item())
+            token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id)
         grad_norms.append(clip_and_step(model, optimizer, cfg.optim.grad_clip))
+    if not grad_norms:
+        # No trajectory carried a learning signal (every group agreed): no update, but the
+        # policy's token metrics are still measured.
+        with torch.no_grad():
+            for group in micro_batches([t for t in sampled if any(t.loss_mask)],
+                                       cfg.optim.micro_batch_tokens):
+                batch = collate(group, pad_id)
+                logp, entropy, ctrl_probs = token_stats(model, batch, temperature, control_ids)
+                token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id)
+        sums.update(loss=0.0, clip_frac=0.0, kl=0.0, ratio_mean=1.0)
+        counts.update(loss=1.0, clip_frac=1.0, kl=1.0, ratio_mean=1.0)
     out = {k: sums[k] / counts[k] for k in sums if counts[k] > 0}
-    if "loss" in out:
-        out["loss"] = sums["loss"] / max(1, len(grad_norms))
+    out["loss"] = sums["loss"] / max(1, len(grad_norms))
     out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
     out["lr"] = lr
     return out
+
+
+def token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id) -> None:
+    """Entropy, engine-vs-trainer logprob gap and control-token probe probabilities."""
+    mask = batch.target_mask.float()  # [B, T]
+    n = mask.sum().item()
+    if n == 0:
+        return
+    add("entropy", (entropy.detach() * mask).sum().item() / n, n)
+    diff = ((logp.detach() - batch.engine_logprobs).abs() * mask).sum().item()
+    add("rollout/logprob_diff_mean", diff / n, n)
+    probe = probe_rows(batch, control_ids[2], newline_id)
+    if ctrl_probs is not None and probe.any():
+        for k, key in enumerate(CONTROL_KEYS):
+            add(f"ctrl/p_{key}", ctrl_probs[probe, k].mean().item(), probe.sum().item())

@@ -1,0 +1,100 @@
+"""Core environment types: tool calls, parse results, tasks, and the Env and Format protocols.
+
+An environment turns a task into a conversation. The agent loop calls `reset(task)` for the
+initial messages, then for every assistant turn parses the text with the task's `Format` and calls
+`step(text, parsed)`, appending the returned observation messages, until `done`. `score()` then
+gives the reward. Tool execution never evaluates model text: malformed or invalid calls come back
+to the model as error observations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class ToolCall:
+    """One call of a named tool with keyword arguments."""
+
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass
+class Parsed:
+    """The tool calls found in an assistant message.
+
+    `calls` is empty when the message is a plain text answer; `error` holds the parse error when
+    the message tried to call a tool but was malformed.
+    """
+
+    calls: list[ToolCall]
+    error: str | None = None
+
+
+@dataclass
+class Task:
+    """One episode: the opening chat, the offered tools, and the expert's solution."""
+
+    id: str  # unique and stable, e.g. "synthetic/test/00042"
+    split: str  # train | test | format_ood | content_ood
+    messages: list[dict]  # opening chat: system prompt then the first user message
+    tools: list[dict]  # {"name", "description", "parameters"} JSON schemas of the offered tools
+    fmt: str  # the call syntax the system prompt asks for: "hermes" | "pythonic"
+    expert: list[list[str]]  # per user turn: expert assistant contents (calls, then the answer)
+    hint: str | None = None  # short natural-language summary of the solution
+    meta: dict = field(default_factory=dict)  # env-specific data (world, later turns, answers)
+
+
+class Env(Protocol):
+    """A multi-turn tool environment; one instance runs one episode at a time."""
+
+    def reset(self, task: Task) -> list[dict]:
+        """Start an episode and return copies of the task's opening messages."""
+        ...
+
+    def step(self, assistant_text: str, parsed: Parsed) -> tuple[list[dict], bool]:
+        """Consume one assistant message; return the observation messages and whether it is done.
+
+        Calls give one `{"role": "tool"}` message each; a parse error gives one tool message
+        starting with "Error:"; a plain text message answers the current user turn and yields the
+        next user message, or ends the episode after the last turn.
+        """
+        ...
+
+    def score(self) -> tuple[float, dict]:
+        """Reward and info with at least success, first_failing_turn, n_calls, n_errors."""
+        ...
+
+
+class Format(Protocol):
+    """A tool-call syntax: how tools are described to the model and how calls are written."""
+
+    name: str
+
+    def render_tools(self, tools: list[dict]) -> str:
+        """System-prompt text listing the tools and showing how to call them."""
+        ...
+
+    def render_calls(self, calls: list[ToolCall]) -> str:
+        """The assistant message content that makes these calls."""
+        ...
+
+    def parse(self, text: str) -> Parsed:
+        """Find the calls in an assistant message; never raises."""
+        ...
+
+
+class World(Protocol):
+    """A source of tasks and of environments that run them (one per benchmark or generator)."""
+
+    name: str
+
+    def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
+        """The first `n` tasks of `split`, deterministic in (split, n, seed)."""
+        ...
+
+    def make_env(self) -> Env:
+        """A fresh environment for this world's tasks."""
+        ...

@@ -1,0 +1,1087 @@
+"""The built-in synthetic tool world: short, procedurally generated multi-step tool-use tasks.
+
+Every task draws a small random world (people with a city, a bank account and a todo list; the
+weather in each city; exchange rates; for `content_ood`, club members, flights and a shop) and asks
+1-3 user questions whose answers need 1-4 dependent tool calls in total, e.g. look up a person's
+city, then the weather in that city. Attribute values are random per task, so a policy must read
+tool results rather than memorise them. Some tools change the world (bank transfers, todo items,
+orders, bookings); a task succeeds only if every answer holds its expected value and the final
+state of those tools equals the one the expert's calls produce.
+
+Splits:
+- `train` and `test` share the tool families and entity pools; a hash of each task's content puts
+  it in exactly one of them, so no task instance appears in both.
+- `format_ood` holds the `test` tasks, one for one, written in the Python-list call syntax.
+- `content_ood` uses tool families and entity names (people, cities, items) never seen in training.
+
+Everything is kept short and regular for tiny policies with small vocabularies: the system prompt
+lists only the tool families the task needs plus at most one distractor family.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastrl.envs.base import Parsed, Task, ToolCall
+from fastrl.envs.formats import get_format
+
+SPLITS = ("train", "test", "format_ood", "content_ood")
+INSTRUCTION = "Use the tools to answer the user. When you know the answer, reply in one sentence."
+MAX_ANSWER_CHARS = 200  # longer answers fail: listing many numbers must not pass the value check
+
+# One content hash bucket in this many is held out for test / format_ood.
+_HELD_OUT_EVERY = 5
+_CALL_COUNT_WEIGHTS = {1: 30, 2: 35, 3: 25, 4: 10}
+_TURN_COUNT_WEIGHTS = {1: 5, 2: 4, 3: 1}
+_DISTRACTOR_PROB = 0.5
+
+# ---------------------------------------------------------------------------------------------
+# Entity pools. The content_ood pools share no name with the training pools.
+
+PEOPLE = (
+    "Ana", "Ben", "Carla", "Dev", "Eva", "Finn", "Gia", "Hugo", "Ines", "Jon",
+    "Kira", "Leo", "Mia", "Nico", "Omar", "Pia", "Raj", "Sara", "Tom", "Uma",
+    "Vera", "Wes", "Yara", "Zoe", "Ivan", "Lena", "Marco", "Nora", "Otto", "Rosa",
+)  # fmt: skip
+CITIES = (
+    "Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Rome",
+    "Delhi", "Berlin", "Madrid", "Seoul", "Dublin", "Vienna",
+)  # fmt: skip
+SKIES = ("sunny", "cloudy", "rainy", "windy", "snowy")
+CURRENCIES = ("EUR", "GBP", "JPY", "INR", "CHF", "CAD")
+TODO_ITEMS = (
+    "buy milk", "call mom", "pay rent", "book dentist", "water plants",
+    "fix bike", "read book", "clean desk", "walk dog", "bake bread",
+)  # fmt: skip
+
+OOD_PEOPLE = (
+    "Aiko", "Bram", "Chidi", "Dagny", "Emeka", "Freya", "Goran", "Hana", "Idris", "Juno",
+    "Kofi", "Lior", "Mateo", "Nadia", "Oren", "Priya", "Quinn", "Rafa", "Sven", "Tariq",
+)  # fmt: skip
+OOD_CITIES = (
+    "Quito", "Hanoi", "Accra", "Perth", "Riga", "Osaka",
+    "Lagos", "Bogota", "Tunis", "Manila", "Zagreb", "Denver",
+)  # fmt: skip
+OOD_ITEMS = ("lamp", "kettle", "chair", "tent", "drill", "guitar", "helmet", "blender")
+
+# ---------------------------------------------------------------------------------------------
+# Tool schemas and families.
+
+
+def _schema(name: str, description: str, /, **params: str) -> dict:
+    return {
+        "name": name,
+        "description": description,
+        "parameters": {
+            "type": "object",
+            "properties": {p: {"type": t} for p, t in params.items()},
+            "required": list(params),
+        },
+    }
+
+
+TOOLS: dict[str, dict] = {
+    t["name"]: t
+    for t in (
+        _schema("lookup_user", "Find a user's id, city and bank account.", name="string"),
+        _schema("get_weather", "Get today's temperature and sky in a city.", city="string"),
+        _schema(
+            "convert",
+            "Convert an amount of dollars to a currency.",
+            amount="integer",
+            currency="string",
+        ),
+        _schema("get_balance", "Get the balance of a bank account.", account="string"),
+        _schema(
+            "transfer",
+            "Move dollars between two bank accounts.",
+            src="string",
+            dst="string",
+            amount="integer",
+        ),
+        _schema("add_todo", "Add an item to a user's todo list.", user_id="string", text="string"),
+        _schema("find_member", "Find a club member's home city.", name="string"),
+        _schema("find_flight", "Find a flight between two cities.", origin="string", dest="string"),
+        _schema("book_flight", "Book a seat on a flight.", flight="string", passenger="string"),
+        _schema("get_stock", "Get the stock and price of a shop item.", item="string"),
+        _schema("order", "Order a quantity of a shop item.", item="string", qty="integer"),
+    )
+}
+
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "directory": ("lookup_user",),
+    "weather": ("get_weather",),
+    "currency": ("convert",),
+    "bank": ("get_balance", "transfer"),
+    "todo": ("add_todo",),
+}
+OOD_FAMILIES: dict[str, tuple[str, ...]] = {
+    "members": ("find_member",),
+    "flights": ("find_flight", "book_flight"),
+    "shop": ("get_stock", "order"),
+}
+_FAMILY_OF = {
+    tool: fam for fams in (FAMILIES, OOD_FAMILIES) for fam, ts in fams.items() for tool in ts
+}
+
+# World tables that tools may change; the final values of these are part of success.
+STATEFUL = ("bank", "todos", "flights", "stock", "bookings")
+_TABLES = ("users", "weather", "rates", "bank", "todos", "members", "flights", "stock")
+
+
+def _empty_world() -> dict:
+    return {**{t: {} for t in _TABLES}, "bookings": []}
+
+
+def _snapshot(state: dict) -> dict:
+    return copy.deepcopy({k: state[k] for k in STATEFUL})
+
+
+def _quote(value: Any) -> str:
+    """A short quotation of a model-supplied value for error messages."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def dumps(result: dict) -> str:
+    """A tool result as the short JSON string the model sees."""
+    return json.dumps(result, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool implementations over an in-memory world.
+
+
+class _ToolError(Exception):
+    """A failed call (unknown entity, insufficient funds, ...), reported to the model."""
+
+
+def _find(table: dict, key: str, kind: str) -> Any:
+    if key not in table:
+        raise _ToolError(f"unknown {kind} {_quote(key)}")
+    return table[key]
+
+
+def _positive(value: int, what: str) -> None:
+    if value <= 0:
+        raise _ToolError(f"{what} must be positive")
+
+
+def _lookup_user(w: dict, name: str) -> dict:
+    return dict(_find(w["users"], name, "user"))
+
+
+def _get_weather(w: dict, city: str) -> dict:
+    return dict(_find(w["weather"], city, "city"))
+
+
+def _convert(w: dict, amount: int, currency: str) -> dict:
+    _positive(amount, "amount")
+    rate = _find(w["rates"], currency, "currency")
+    return {"amount": amount * rate, "currency": currency}
+
+
+def _get_balance(w: dict, account: str) -> dict:
+    return {"balance": _find(w["bank"], account, "account")}
+
+
+def _transfer(w: dict, src: str, dst: str, amount: int) -> dict:
+    _find(w["bank"], src, "account")
+    _find(w["bank"], dst, "account")
+    _positive(amount, "amount")
+    if src == dst:
+        raise _ToolError("src and dst must differ")
+    if w["bank"][src] < amount:
+        raise _ToolError(f"insufficient funds in {src}")
+    w["bank"][src] -= amount
+    w["bank"][dst] += amount
+    return {"src_balance": w["bank"][src], "dst_balance": w["bank"][dst]}
+
+
+def _add_todo(w: dict, user_id: str, text: str) -> dict:
+    items = _find(w["todos"], user_id, "user_id")
+    if not text.strip():
+        raise _ToolError("text must not be empty")
+    items.append(text)
+    return {"count": len(items)}
+
+
+def _find_member(w: dict, name: str) -> dict:
+    return dict(_find(w["members"], name, "member"))
+
+
+def _find_flight(w: dict, origin: str, dest: str) -> dict:
+    for flight_id, f in w["flights"].items():
+        if f["origin"] == origin and f["dest"] == dest:
+            return {"flight": flight_id, "price": f["price"]}
+    raise _ToolError(f"no flight from {_quote(origin)} to {_quote(dest)}")
+
+
+def _book_flight(w: dict, flight: str, passenger: str) -> dict:
+    f = _find(w["flights"], flight, "flight")
+    if not passenger.strip():
+        raise _ToolError("passenger must not be empty")
+    if f["seats"] == 0:
+        raise _ToolError(f"flight {flight} is full")
+    f["seats"] -= 1
+    w["bookings"].append([flight, passenger])
+    return {"booked": flight, "seats_left": f["seats"]}
+
+
+def _get_stock(w: dict, item: str) -> dict:
+    return dict(_find(w["stock"], item, "item"))
+
+
+def _order(w: dict, item: str, qty: int) -> dict:
+    entry = _find(w["stock"], item, "item")
+    _positive(qty, "qty")
+    if qty > entry["stock"]:
+        raise _ToolError(f"only {entry['stock']} {item} in stock")
+    entry["stock"] -= qty
+    return {"total": qty * entry["price"], "stock": entry["stock"]}
+
+
+_IMPLS: dict[str, Callable[..., dict]] = {
+    "lookup_user": _lookup_user,
+    "get_weather": _get_weather,
+    "convert": _convert,
+    "get_balance": _get_balance,
+    "transfer": _transfer,
+    "add_todo": _add_todo,
+    "find_member": _find_member,
+    "find_flight": _find_flight,
+    "book_flight": _book_flight,
+    "get_stock": _get_stock,
+    "order": _order,
+}
+_TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+}
+
+
+def execute(world: dict, allowed: set[str], name: Any, arguments: Any) -> dict:
+    """Run one call against `world` (changed in place); problems come back as {"error": ...}.
+
+    Only tools in `allowed` (those the task offers) exist; arguments are checked against the
+    tool's schema before the call.
+    """
+    if not isinstance(name, str) or name not in allowed:
+        return {"error": f"unknown tool {_quote(name)}; available: {', '.join(sorted(allowed))}"}
+    if not isinstance(arguments, dict):
+        return {"error": "arguments must be an object"}
+    params = TOOLS[name]["parameters"]
+    for arg in arguments:
+        if arg not in params["properties"]:
+            return {"error": f"{name} has no argument {_quote(arg)}"}
+    for arg in params["required"]:
+        if arg not in arguments:
+            return {"error": f"{name} is missing argument {arg!r}"}
+    for arg, value in arguments.items():
+        kind = params["properties"][arg]["type"]
+        if not _TYPE_CHECKS[kind](value):
+            return {"error": f"argument {arg!r} of {name} must be a {kind}"}
+    try:
+        return _IMPLS[name](world, **arguments)
+    except _ToolError as e:
+        return {"error": str(e)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer checking.
+
+
+def _normalize(text: str) -> str:
+    return re.sub(r"(?<=\d),(?=\d{3})", "", text.lower())
+
+
+def answer_ok(text: str, expected: list[str]) -> bool:
+    """Whether a short answer contains every expected value as a whole word or number."""
+    if len(text) > MAX_ANSWER_CHARS:
+        return False
+    norm = _normalize(text)
+    return all(
+        re.search(rf"(?<![\w.-]){re.escape(_normalize(v))}(?!\w|\.\d)", norm) for v in expected
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The environment.
+
+
+class SyntheticEnv:
+    """Runs one synthetic task at a time (implements the Env protocol)."""
+
+    def __init__(self) -> None:
+        self._task: Task | None = None
+
+    def reset(self, task: Task) -> list[dict]:
+        """Start `task` from its initial world and return copies of its opening messages."""
+        self._task = task
+        self._turns = task.meta["turns"]
+        self._state = copy.deepcopy(task.meta["world"])
+        self._allowed = {t["name"] for t in task.tools}
+        self._answers: list[str] = []
+        self._snapshots: list[dict] = []
+        self._n_calls = 0
+        self._n_errors = 0
+        self._done = False
+        return [dict(m) for m in task.messages]
+
+    def step(self, assistant_text: str, parsed: Parsed) -> tuple[list[dict], bool]:
+        """Execute the calls, report a parse error, or take the text as the turn's answer."""
+        if self._task is None:
+            raise RuntimeError("call reset(task) before step()")
+        if self._done:
+            return [], True
+        if parsed.error is not None:
+            self._n_errors += 1
+            return [{"role": "tool", "content": f"Error: {parsed.error}"}], False
+        if parsed.calls:
+            observations = []
+            for call in parsed.calls:
+                result = execute(self._state, self._allowed, call.name, call.arguments)
+                self._n_calls += 1
+                self._n_errors += "error" in result
+                observations.append({"role": "tool", "content": dumps(result)})
+            return observations, False
+        self._answers.append(assistant_text)
+        self._snapshots.append(_snapshot(self._state))
+        if len(self._answers) < len(self._turns):
+            return [{"role": "user", "content": self._turns[len(self._answers)]["question"]}], False
+        self._done = True
+        return [], True
+
+    def score(self) -> tuple[float, dict]:
+        """1.0 iff every answer holds its expected values and the final state matches the expert.
+
+        `first_failing_turn` (0-based) is the first turn whose answer is missing or wrong or after
+        which the world differs from the expert's; None on success.
+        """
+        if self._task is None:
+            raise RuntimeError("call reset(task) before score()")
+        turns, answers = self._turns, self._answers
+        correct = [
+            i < len(answers) and answer_ok(answers[i], t["expected"]) for i, t in enumerate(turns)
+        ]
+        state_match = _snapshot(self._state) == turns[-1]["state"]
+        success = all(correct) and state_match
+        first_failing = None
+        if not success:
+            first_failing = next(
+                i for i, t in enumerate(turns) if not correct[i] or self._snapshots[i] != t["state"]
+            )
+        info = {
+            "success": success,
+            "first_failing_turn": first_failing,
+            "n_calls": self._n_calls,
+            "n_errors": self._n_errors,
+            "n_turns": len(turns),
+            "turns_answered": len(answers),
+            "answers_correct": correct,
+            "state_match": state_match,
+        }
+        return float(success), info
+
+
+# ---------------------------------------------------------------------------------------------
+# Task generation: a builder grows the world as templates ask for entities, and runs the expert's
+# calls on a live copy so that every recorded result is real.
+
+
+@dataclass
+class _Turn:
+    question: str
+    answer: str
+    expected: list[str]
+    hint: str
+
+
+class _Builder:
+    def __init__(self, rng: random.Random, ood: bool) -> None:
+        self.rng = rng
+        self.people = OOD_PEOPLE if ood else PEOPLE
+        self.cities = OOD_CITIES if ood else CITIES
+        self.world = _empty_world()  # the initial world, never changed by calls
+        self.live = _empty_world()  # the world the expert's calls run on
+        self.calls: list[dict] = []
+        self.families: set[str] = set()
+        self._ids: set[str] = set()
+
+    def _add(self, table: str, key: str, value: Any) -> None:
+        self.world[table][key] = copy.deepcopy(value)
+        self.live[table][key] = copy.deepcopy(value)
+
+    def _fresh_id(self, prefix: str, lo: int, hi: int) -> str:
+        while (ident := f"{prefix}{self.rng.randint(lo, hi)}") in self._ids:
+            pass
+        self._ids.add(ident)
+        return ident
+
+    def choose(self, *options: str) -> str:
+        return self.rng.choice(options)
+
+    def call(self, name: str, /, **arguments: Any) -> dict:
+        result = execute(self.live, set(_IMPLS), name, arguments)
+        if "error" in result:
+            raise RuntimeError(f"template bug: expert call {name} failed: {result['error']}")
+        self.calls.append({"name": name, "arguments": arguments, "result": result})
+        self.families.add(_FAMILY_OF[name])
+        return result
+
+    def city(self, exclude: tuple[str, ...] = ()) -> str:
+        city = self.rng.choice([c for c in self.cities if c not in exclude])
+        if city not in self.world["weather"]:
+            temp, sky = self.rng.randint(-5, 35), self.rng.choice(SKIES)
+            self._add("weather", city, {"temp": temp, "sky": sky})
+        return city
+
+    def account(self) -> str:
+        account = self._fresh_id("A", 100, 999)
+        self._add("bank", account, self.rng.randint(20, 400))
+        return account
+
+    def person(self, exclude: tuple[str, ...] = (), city_not: tuple[str, ...] = ()) -> str:
+        """A person of this world; an earlier one is reused sometimes so later turns build on it.
+
+        Only people with money left are reused, so any of them can pay in a transfer.
+        """
+        known = [
+            p
+            for p, u in self.world["users"].items()
+            if p not in exclude
+            and u["city"] not in city_not
+            and self.live["bank"][u["account"]] >= 5
+        ]
+        if known and self.rng.random() < 0.3:
+            return self.rng.choice(known)
+        name = self.rng.choice(
+            [p for p in self.people if p not in self.world["users"] and p not in exclude]
+        )
+        user_id = self._fresh_id("u", 10, 99)
+        user = {"user_id": user_id, "city": self.city(city_not), "account": self.account()}
+        self._add("users", name, user)
+        self._add("todos", user_id, self.rng.sample(TODO_ITEMS, self.rng.randint(0, 3)))
+        return name
+
+    def currency(self) -> str:
+        currency = self.rng.choice(CURRENCIES)
+        if currency not in self.world["rates"]:
+            self._add("rates", currency, self.rng.randint(2, 9))
+        return currency
+
+    def member(self, exclude: tuple[str, ...] = (), home_not: tuple[str, ...] = ()) -> str:
+        name = self.rng.choice(
+            [p for p in self.people if p not in self.world["members"] and p not in exclude]
+        )
+        home = self.rng.choice([c for c in self.cities if c not in home_not])
+        self._add("members", name, {"home": home})
+        return name
+
+    def flight(self, origin: str, dest: str) -> None:
+        if any(f["origin"] == origin and f["dest"] == dest for f in self.world["flights"].values()):
+            return
+        flight = {
+            "origin": origin,
+            "dest": dest,
+            "price": 10 * self.rng.randint(8, 90),
+            "seats": self.rng.randint(3, 9),  # a task books at most 3 seats: never full
+        }
+        self._add("flights", self._fresh_id("F", 100, 999), flight)
+
+    def route(self, origin_not: tuple[str, ...] = ()) -> tuple[str, str]:
+        origin = self.rng.choice([c for c in self.cities if c not in origin_not])
+        dest = self.rng.choice([c for c in self.cities if c != origin])
+        self.flight(origin, dest)
+        return origin, dest
+
+    def item(self, exclude: tuple[str, ...] = ()) -> str:
+        sold_out = [i for i, e in self.live["stock"].items() if e["stock"] == 0]
+        item = self.rng.choice([i for i in OOD_ITEMS if i not in exclude and i not in sold_out])
+        if item not in self.world["stock"]:
+            self._add(
+                "stock", item, {"stock": self.rng.randint(1, 20), "price": self.rng.randint(3, 60)}
+            )
+        return item
+
+
+# --- train / test / format_ood templates ---------------------------------------------------
+
+
+def _weather(b: _Builder) -> _Turn:
+    city = b.city()
+    r = b.call("get_weather", city=city)
+    q = b.choose(f"What is the temperature in {city}?", f"How warm is it in {city} today?")
+    return _Turn(
+        q,
+        f"It is {r['temp']} degrees in {city}.",
+        [str(r["temp"])],
+        f"Call get_weather for {city}.",
+    )
+
+
+def _user_city(b: _Builder) -> _Turn:
+    name = b.person()
+    r = b.call("lookup_user", name=name)
+    q = b.choose(f"Which city does {name} live in?", f"Where does {name} live?")
+    return _Turn(q, f"{name} lives in {r['city']}.", [r["city"]], f"Call lookup_user for {name}.")
+
+
+def _balance(b: _Builder) -> _Turn:
+    account = b.account()
+    r = b.call("get_balance", account=account)
+    q = b.choose(
+        f"What is the balance of account {account}?", f"How much money is in account {account}?"
+    )
+    return _Turn(
+        q,
+        f"Account {account} has {r['balance']} dollars.",
+        [str(r["balance"])],
+        f"Call get_balance for {account}.",
+    )
+
+
+def _convert_usd(b: _Builder) -> _Turn:
+    amount, currency = 5 * b.rng.randint(2, 40), b.currency()
+    r = b.call("convert", amount=amount, currency=currency)
+    q = b.choose(
+        f"How much is {amount} dollars in {currency}?", f"Convert {amount} dollars to {currency}."
+    )
+    return _Turn(
+        q,
+        f"{amount} dollars is {r['amount']} {currency}.",
+        [str(r["amount"])],
+        f"Call convert with {amount} and {currency}.",
+    )
+
+
+def _send(b: _Builder) -> _Turn:
+    src, dst = b.account(), b.account()
+    amount = b.rng.randint(5, min(100, b.world["bank"][src]))
+    r = b.call("transfer", src=src, dst=dst, amount=amount)
+    q = b.choose(
+        f"Send {amount} dollars from account {src} to account {dst}.",
+        f"Please move {amount} dollars from account {src} to account {dst}.",
+    )
+    return _Turn(
+        q,
+        f"Done. Account {src} now has {r['src_balance']} dollars.",
+        [str(r["src_balance"])],
+        f"Call transfer from {src} to {dst} with {amount}.",
+    )
+
+
+def _todo(b: _Builder) -> _Turn:
+    user_id = b.world["users"][b.person()]["user_id"]
+    text = b.rng.choice(TODO_ITEMS)
+    r = b.call("add_todo", user_id=user_id, text=text)
+    q = b.choose(
+        f"Add '{text}' to the todo list of user {user_id}.",
+        f"Put '{text}' on the todo list of {user_id}.",
+    )
+    return _Turn(
+        q,
+        f"Added. User {user_id} now has {r['count']} todos.",
+        [str(r["count"])],
+        f"Call add_todo for {user_id}.",
+    )
+
+
+def _user_weather(b: _Builder) -> _Turn:
+    name = b.person()
+    city = b.call("lookup_user", name=name)["city"]
+    r = b.call("get_weather", city=city)
+    q = b.choose(
+        f"What is the temperature where {name} lives?", f"How warm is it in {name}'s city today?"
+    )
+    return _Turn(
+        q,
+        f"It is {r['temp']} degrees in {city}.",
+        [str(r["temp"])],
+        f"Call lookup_user for {name}, then get_weather with the city.",
+    )
+
+
+def _user_balance(b: _Builder) -> _Turn:
+    name = b.person()
+    account = b.call("lookup_user", name=name)["account"]
+    r = b.call("get_balance", account=account)
+    q = b.choose(f"How much money does {name} have?", f"What is the balance of {name}'s account?")
+    return _Turn(
+        q,
+        f"{name} has {r['balance']} dollars.",
+        [str(r["balance"])],
+        f"Call lookup_user for {name}, then get_balance with the account.",
+    )
+
+
+def _balance_convert(b: _Builder) -> _Turn:
+    account, currency = b.account(), b.currency()
+    balance = b.call("get_balance", account=account)["balance"]
+    r = b.call("convert", amount=balance, currency=currency)
+    q = b.choose(
+        f"What is the balance of account {account} in {currency}?",
+        f"How much is account {account} worth in {currency}?",
+    )
+    return _Turn(
+        q,
+        f"Account {account} has {r['amount']} {currency}.",
+        [str(r["amount"])],
+        f"Call get_balance for {account}, then convert the balance to {currency}.",
+    )
+
+
+def _user_todo(b: _Builder) -> _Turn:
+    name, text = b.person(), b.rng.choice(TODO_ITEMS)
+    user_id = b.call("lookup_user", name=name)["user_id"]
+    r = b.call("add_todo", user_id=user_id, text=text)
+    q = b.choose(f"Add '{text}' to {name}'s todo list.", f"Remind {name} to {text} with a todo.")
+    return _Turn(
+        q,
+        f"Added. {name} now has {r['count']} todos.",
+        [str(r["count"])],
+        f"Call lookup_user for {name}, then add_todo with the user_id.",
+    )
+
+
+def _send_convert(b: _Builder) -> _Turn:
+    src, dst, currency = b.account(), b.account(), b.currency()
+    amount = b.rng.randint(5, min(100, b.world["bank"][src]))
+    balance = b.call("transfer", src=src, dst=dst, amount=amount)["dst_balance"]
+    r = b.call("convert", amount=balance, currency=currency)
+    q = f"Send {amount} dollars from account {src} to {dst}, then give its balance in {currency}."
+    return _Turn(
+        q,
+        f"Done. Account {dst} now has {r['amount']} {currency}.",
+        [str(r["amount"])],
+        f"Call transfer, then convert the dst_balance to {currency}.",
+    )
+
+
+def _user_send(b: _Builder) -> _Turn:
+    src = b.person()
+    dst = b.person(exclude=(src,))
+    src_account = b.call("lookup_user", name=src)["account"]
+    dst_account = b.call("lookup_user", name=dst)["account"]
+    amount = b.rng.randint(5, min(100, b.live["bank"][src_account]))
+    r = b.call("transfer", src=src_account, dst=dst_account, amount=amount)
+    q = b.choose(
+        f"Send {amount} dollars from {src} to {dst}.", f"{src} wants to pay {dst} {amount} dollars."
+    )
+    return _Turn(
+        q,
+        f"Done. {src} now has {r['src_balance']} dollars.",
+        [str(r["src_balance"])],
+        f"Call lookup_user for {src} and {dst}, then transfer between their accounts.",
+    )
+
+
+def _user_balance_convert(b: _Builder) -> _Turn:
+    name, currency = b.person(), b.currency()
+    account = b.call("lookup_user", name=name)["account"]
+    balance = b.call("get_balance", account=account)["balance"]
+    r = b.call("convert", amount=balance, currency=currency)
+    q = b.choose(
+        f"How much money does {name} have in {currency}?",
+        f"What is {name}'s balance in {currency}?",
+    )
+    return _Turn(
+        q,
+        f"{name} has {r['amount']} {currency}.",
+        [str(r["amount"])],
+        f"Call lookup_user for {name}, get_balance, then convert to {currency}.",
+    )
+
+
+def _user_empty(b: _Builder) -> _Turn:
+    name, dst = b.person(), b.account()
+    account = b.call("lookup_user", name=name)["account"]
+    balance = b.call("get_balance", account=account)["balance"]
+    r = b.call("transfer", src=account, dst=dst, amount=balance)
+    q = b.choose(
+        f"Move all of {name}'s money to account {dst}.",
+        f"Empty {name}'s account into account {dst}.",
+    )
+    return _Turn(
+        q,
+        f"Done. Account {dst} now has {r['dst_balance']} dollars.",
+        [str(r["dst_balance"])],
+        f"Call lookup_user for {name}, get_balance, then transfer it all to {dst}.",
+    )
+
+
+def _user_send_convert(b: _Builder) -> _Turn:
+    src = b.person()
+    dst = b.person(exclude=(src,))
+    currency = b.currency()
+    src_account = b.call("lookup_user", name=src)["account"]
+    dst_account = b.call("lookup_user", name=dst)["account"]
+    amount = b.rng.randint(5, min(100, b.live["bank"][src_account]))
+    balance = b.call("transfer", src=src_account, dst=dst_account, amount=amount)["dst_balance"]
+    r = b.call("convert", amount=balance, currency=currency)
+    q = f"Send {amount} dollars from {src} to {dst}, then tell me {dst}'s balance in {currency}."
+    return _Turn(
+        q,
+        f"Done. {dst} now has {r['amount']} {currency}.",
+        [str(r["amount"])],
+        f"Call lookup_user for {src} and {dst}, transfer, then convert to {currency}.",
+    )
+
+
+def _two_user_weather(b: _Builder) -> _Turn:
+    first = b.person()
+    second = b.person(exclude=(first,), city_not=(b.world["users"][first]["city"],))
+    city1 = b.call("lookup_user", name=first)["city"]
+    temp1 = b.call("get_weather", city=city1)["temp"]
+    city2 = b.call("lookup_user", name=second)["city"]
+    temp2 = b.call("get_weather", city=city2)["temp"]
+    q = b.choose(
+        f"What are the temperatures where {first} and {second} live?",
+        f"How warm is it in the cities of {first} and {second}?",
+    )
+    return _Turn(
+        q,
+        f"It is {temp1} degrees in {city1} and {temp2} degrees in {city2}.",
+        [str(temp1), str(temp2)],
+        f"For {first} and then {second}: call lookup_user, then get_weather with the city.",
+    )
+
+
+def _user_empty_to_user(b: _Builder) -> _Turn:
+    src = b.person()
+    dst = b.person(exclude=(src,))
+    src_account = b.call("lookup_user", name=src)["account"]
+    balance = b.call("get_balance", account=src_account)["balance"]
+    dst_account = b.call("lookup_user", name=dst)["account"]
+    r = b.call("transfer", src=src_account, dst=dst_account, amount=balance)
+    q = b.choose(f"Move all of {src}'s money to {dst}.", f"{src} gives all their money to {dst}.")
+    return _Turn(
+        q,
+        f"Done. {dst} now has {r['dst_balance']} dollars.",
+        [str(r["dst_balance"])],
+        f"Call lookup_user for {src}, get_balance, lookup_user for {dst}, then transfer it all.",
+    )
+
+
+# --- content_ood templates ---------------------------------------------------------------------
+
+
+def _stock(b: _Builder) -> _Turn:
+    item = b.item()
+    r = b.call("get_stock", item=item)
+    q = b.choose(f"How many {item}s are in stock?", f"How many {item}s does the shop have?")
+    return _Turn(
+        q,
+        f"There are {r['stock']} {item}s in stock.",
+        [str(r["stock"])],
+        f"Call get_stock for {item}.",
+    )
+
+
+def _flight_price(b: _Builder) -> _Turn:
+    origin, dest = b.route()
+    r = b.call("find_flight", origin=origin, dest=dest)
+    q = f"How much is a flight from {origin} to {dest}?"
+    return _Turn(
+        q,
+        f"The flight costs {r['price']} dollars.",
+        [str(r["price"])],
+        f"Call find_flight from {origin} to {dest}.",
+    )
+
+
+def _member_home(b: _Builder) -> _Turn:
+    name = b.member()
+    r = b.call("find_member", name=name)
+    q = f"Which city is {name}'s home?"
+    return _Turn(q, f"{name} lives in {r['home']}.", [r["home"]], f"Call find_member for {name}.")
+
+
+def _order_some(b: _Builder) -> _Turn:
+    item = b.item()
+    qty = b.rng.randint(1, b.live["stock"][item]["stock"])
+    r = b.call("order", item=item, qty=qty)
+    q = f"Order {qty} {item}s for me."
+    return _Turn(
+        q,
+        f"Ordered. The total is {r['total']} dollars.",
+        [str(r["total"])],
+        f"Call order for {qty} {item}s.",
+    )
+
+
+def _buy_all(b: _Builder) -> _Turn:
+    item = b.item()
+    stock = b.call("get_stock", item=item)["stock"]
+    r = b.call("order", item=item, qty=stock)
+    q = f"Buy every {item} that is in stock."
+    return _Turn(
+        q,
+        f"Ordered. The total is {r['total']} dollars.",
+        [str(r["total"])],
+        f"Call get_stock for {item}, then order that many.",
+    )
+
+
+def _book(b: _Builder) -> _Turn:
+    name = b.rng.choice(b.people)
+    origin, dest = b.route()
+    flight = b.call("find_flight", origin=origin, dest=dest)["flight"]
+    b.call("book_flight", flight=flight, passenger=name)
+    q = f"Book {name} on a flight from {origin} to {dest}."
+    return _Turn(
+        q,
+        f"{name} is booked on flight {flight}.",
+        [flight],
+        f"Call find_flight, then book_flight for {name}.",
+    )
+
+
+def _member_price(b: _Builder) -> _Turn:
+    name = b.member()
+    home = b.world["members"][name]["home"]
+    dest = b.rng.choice([c for c in b.cities if c != home])
+    b.flight(home, dest)
+    b.call("find_member", name=name)
+    r = b.call("find_flight", origin=home, dest=dest)
+    q = f"How much is a flight from {name}'s home to {dest}?"
+    return _Turn(
+        q,
+        f"The flight costs {r['price']} dollars.",
+        [str(r["price"])],
+        f"Call find_member for {name}, then find_flight from the home to {dest}.",
+    )
+
+
+def _member_book(b: _Builder) -> _Turn:
+    name = b.member()
+    home = b.world["members"][name]["home"]
+    dest = b.rng.choice([c for c in b.cities if c != home])
+    b.flight(home, dest)
+    b.call("find_member", name=name)
+    flight = b.call("find_flight", origin=home, dest=dest)["flight"]
+    b.call("book_flight", flight=flight, passenger=name)
+    q = f"Book {name} on a flight from their home to {dest}."
+    return _Turn(
+        q,
+        f"{name} is booked on flight {flight}.",
+        [flight],
+        f"Call find_member for {name}, find_flight from the home, then book_flight.",
+    )
+
+
+def _two_member_price(b: _Builder) -> _Turn:
+    first = b.member()
+    home1 = b.world["members"][first]["home"]
+    second = b.member(exclude=(first,), home_not=(home1,))
+    home2 = b.world["members"][second]["home"]
+    b.flight(home1, home2)
+    b.call("find_member", name=first)
+    b.call("find_member", name=second)
+    r = b.call("find_flight", origin=home1, dest=home2)
+    q = f"How much is a flight from {first}'s home to {second}'s home?"
+    return _Turn(
+        q,
+        f"The flight costs {r['price']} dollars.",
+        [str(r["price"])],
+        f"Call find_member for {first} and {second}, then find_flight between the homes.",
+    )
+
+
+def _visit(b: _Builder) -> _Turn:
+    first = b.member()
+    home1 = b.world["members"][first]["home"]
+    second = b.member(exclude=(first,), home_not=(home1,))
+    home2 = b.world["members"][second]["home"]
+    b.flight(home1, home2)
+    b.call("find_member", name=first)
+    b.call("find_member", name=second)
+    flight = b.call("find_flight", origin=home1, dest=home2)["flight"]
+    b.call("book_flight", flight=flight, passenger=first)
+    q = f"Book {first} on a flight to visit {second}."
+    return _Turn(
+        q,
+        f"{first} is booked on flight {flight}.",
+        [flight],
+        f"Call find_member for both, find_flight between the homes, then book_flight for {first}.",
+    )
+
+
+def _buy_two(b: _Builder) -> _Turn:
+    first = b.item()
+    second = b.item(exclude=(first,))
+    totals = []
+    for item in (first, second):
+        stock = b.call("get_stock", item=item)["stock"]
+        totals.append(b.call("order", item=item, qty=stock)["total"])
+    q = f"Buy every {first} and every {second} in stock."
+    return _Turn(
+        q,
+        f"Ordered. The totals are {totals[0]} and {totals[1]} dollars.",
+        [str(t) for t in totals],
+        f"For {first} and {second}: call get_stock, then order that many.",
+    )
+
+
+_Template = Callable[[_Builder], _Turn]
+TEMPLATES: dict[int, tuple[_Template, ...]] = {
+    1: (_weather, _user_city, _balance, _convert_usd, _send, _todo),
+    2: (_user_weather, _user_balance, _balance_convert, _user_todo, _send_convert),
+    3: (_user_send, _user_balance_convert, _user_empty),
+    4: (_user_send_convert, _two_user_weather, _user_empty_to_user),
+}
+OOD_TEMPLATES: dict[int, tuple[_Template, ...]] = {
+    1: (_stock, _flight_price, _member_home, _order_some),
+    2: (_buy_all, _book, _member_price),
+    3: (_member_book, _two_member_price),
+    4: (_visit, _buy_two),
+}
+
+
+def _weighted(rng: random.Random, weights: dict[int, int], at_most: int) -> int:
+    options = [k for k in weights if k <= at_most]
+    return rng.choices(options, [weights[k] for k in options])[0]
+
+
+def _draw_content(rng: random.Random, ood: bool) -> dict:
+    """One task's content: the world, the per-turn expert calls and answers, the tools offered."""
+    n_calls = _weighted(rng, _CALL_COUNT_WEIGHTS, 4)
+    n_turns = _weighted(rng, _TURN_COUNT_WEIGHTS, n_calls)
+    cuts = sorted(rng.sample(range(1, n_calls), n_turns - 1))
+    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, n_calls], strict=True)]
+    templates = OOD_TEMPLATES if ood else TEMPLATES
+    families_pool = OOD_FAMILIES if ood else FAMILIES
+
+    b = _Builder(rng, ood)
+    turns = []
+    for size in sizes:
+        b.calls = []
+        turn = rng.choice(templates[size])(b)
+        turns.append(
+            {
+                "question": turn.question,
+                "calls": b.calls,
+                "answer": turn.answer,
+                "expected": turn.expected,
+                "hint": turn.hint,
+            }
+        )
+    # Templates add entities as they need them, so the expert's state after each turn comes from
+    # re-running its calls on the complete initial world, as the env will.
+    state = copy.deepcopy(b.world)
+    for turn in turns:
+        for c in turn["calls"]:
+            execute(state, set(_IMPLS), c["name"], c["arguments"])
+        turn["state"] = _snapshot(state)
+
+    families = [f for f in families_pool if f in b.families]
+    unused = [f for f in families_pool if f not in b.families]
+    if unused and rng.random() < _DISTRACTOR_PROB:
+        families.append(rng.choice(unused))
+    rng.shuffle(families)
+    tools = [TOOLS[t] for f in families for t in families_pool[f]]
+    return {"world": b.world, "turns": turns, "tools": tools, "families": sorted(b.families)}
+
+
+def content_key(turns: list[dict]) -> str:
+    """A canonical string of what the model sees of a task: questions, calls, results, answers."""
+    return json.dumps(
+        [[t["question"], t["calls"], t["answer"]] for t in turns],
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+
+
+def _held_out(turns: list[dict]) -> bool:
+    digest = hashlib.sha256(content_key(turns).encode()).digest()
+    return int.from_bytes(digest[:8], "big") % _HELD_OUT_EVERY == 0
+
+
+def system_prompt(fmt: str, tools: list[dict]) -> str:
+    """The fixed instruction line followed by the format's tool list and call example."""
+    return f"{INSTRUCTION}\n{get_format(fmt).render_tools(tools)}"
+
+
+class SyntheticWorld:
+    """Task source for the synthetic tool world."""
+
+    name = "synthetic"
+
+    def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
+        """The first `n` tasks of `split`; deterministic, and a prefix of any longer request."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        # test and format_ood draw from one stream, so format_ood task i is test task i re-written.
+        stream = {"train": "train", "test": "held_out", "format_ood": "held_out"}.get(split, split)
+        fmt = "pythonic" if split == "format_ood" else "hermes"
+        return [self._task(split, stream, fmt, seed, i) for i in range(n)]
+
+    def _task(self, split: str, stream: str, fmt: str, seed: int, index: int) -> Task:
+        rng = random.Random(f"synthetic/{stream}/{seed}/{index}")
+        ood = stream == "content_ood"
+        while True:
+            content = _draw_content(rng, ood)
+            # A content hash, not the seed, decides train vs held out, so equal draws cannot land
+            # in both; content_ood has its own pools and needs no such split.
+            if ood or _held_out(content["turns"]) == (stream == "held_out"):
+                break
+        turns, form = content["turns"], get_format(fmt)
+        expert = [
+            [form.render_calls([ToolCall(c["name"], c["arguments"])]) for c in t["calls"]]
+            + [t["answer"]]
+            for t in turns
+        ]
+        hint = " Next question: ".join(t["hint"] for t in turns)
+        task_id = (
+            f"synthetic/{split}/{index:05d}"
+            if seed == 0
+            else f"synthetic/{split}/s{seed}/{index:05d}"
+        )
+        return Task(
+            id=task_id,
+            split=split,
+            messages=[
+                {"role": "system", "content": system_prompt(fmt, content["tools"])},
+                {"role": "user", "content": turns[0]["question"]},
+            ],
+            tools=content["tools"],
+            fmt=fmt,
+            expert=expert,
+            hint=hint,
+            meta={
+                "seed": seed,
+                "world": content["world"],
+                "turns": turns,
+                "families": content["families"],
+            },
+        )
+
+    def make_env(self) -> SyntheticEnv:
+        """A fresh environment; `reset(task)` loads a task's world."""
+        return SyntheticEnv()
+
+    def tokenizer_corpus(self, n_tasks: int = 2000, seed: int = 0) -> list[str]:
+        """Plain text pieces of `n_tasks` train tasks for fitting a tokenizer (no chat tokens).
+
+        Holds system prompts in both formats, user questions, expert messages with the calls in
+        both syntaxes, and tool results.
+        """
+        pythonic = get_format("pythonic")
+        corpus = []
+        for task in self.tasks("train", n_tasks, seed):
+            corpus.append(task.messages[0]["content"])
+            corpus.append(system_prompt("pythonic", task.tools))
+            for turn, messages in zip(task.meta["turns"], task.expert, strict=True):
+                corpus.append(turn["question"])
+                corpus.extend(messages)
+                for c in turn["calls"]:
+                    corpus.append(pythonic.render_calls([ToolCall(c["name"], c["arguments"])]))
+                    corpus.append(dumps(c["result"]))
+        return corpus
