@@ -1,7 +1,7 @@
 """fastrl: multi-turn tool-use RL for language models.
 
-    from fastrl import Config, train, evaluate
-    summary = train("configs/smoke.yaml", ["rl.steps=2"])
+from fastrl import Config, train, evaluate
+summary = train("configs/smoke.yaml", ["rl.steps=2"])
 """
 
 from fastrl.api import evaluate, train

@@ -72,7 +72,9 @@ def evaluate(
     if policy == "model":
         engine = HFEngine(net, tokenizer.pad_token_id, max_batch=cfg.rollout.batch_size)
     elif policy == "oracle":
-        engine = ScriptedEngine(tokenizer, {t.id: [m for turn in t.expert for m in turn] for t in tasks})
+        engine = ScriptedEngine(
+            tokenizer, {t.id: [m for turn in t.expert for m in turn] for t in tasks}
+        )
         request_ids = [t.id for t in tasks]
     elif policy.startswith("replay:"):
         engine = ScriptedEngine(tokenizer, read_replay(policy.split(":", 1)[1]))
@@ -80,7 +82,12 @@ def evaluate(
     else:
         raise ValueError(f"policy must be model, oracle or replay:FILE.jsonl, got {policy!r}")
     summary, rows = evaluate_policy(
-        engine, tokenizer, world, tasks, limits_of(cfg), batch_size=cfg.rollout.batch_size,
+        engine,
+        tokenizer,
+        world,
+        tasks,
+        limits_of(cfg),
+        batch_size=cfg.rollout.batch_size,
         request_ids=request_ids,
     )
     summary.update(split=split, env=cfg.env.name, policy=policy, model=cfg.model.name)
@@ -117,8 +124,8 @@ def read_replay(path: str | Path) -> dict[str, list[str]]:
             or not all(isinstance(m, str) for m in messages)
         ):
             raise ValueError(
-                f"{path}:{lineno}: expected {{\"task_id\": str, \"messages\": [str or "
-                f"{{\"content\": str}}, ...]}}"
+                f'{path}:{lineno}: expected {{"task_id": str, "messages": [str or '
+                f'{{"content": str}}, ...]}}'
             )
         scripts[row["task_id"]] = messages
     return scripts

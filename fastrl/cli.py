@@ -15,7 +15,9 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="SFT then RL as configured")
     t.add_argument("--config", help="YAML config (defaults: the built-in demo)")
-    t.add_argument("--resume", action="store_true", help="continue from run_dir's latest checkpoint")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from run_dir's latest checkpoint"
+    )
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.lr=1e-5 run_dir=runs/x")
 
     e = sub.add_parser("eval", help="greedy evaluation of a policy on one split")
@@ -25,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="local HF model directory or preset name")
     e.add_argument("--config", default=None, help="YAML config for limits and the model")
     e.add_argument("--out", required=True, help="directory for summary.json and results.jsonl")
-    e.add_argument("--limit", type=int, default=None, help="number of tasks (default env.eval_tasks)")
+    e.add_argument(
+        "--limit", type=int, default=None, help="number of tasks (default env.eval_tasks)"
+    )
     e.add_argument("overrides", nargs="*", help="dotted config overrides")
 
     d = sub.add_parser("demo", help="the main job on the built-in default; prints a JSON summary")
@@ -50,8 +54,14 @@ def main(argv: list[str] | None = None) -> int:
             summary = train(None, args.overrides)
         else:
             summary = evaluate(
-                args.split, policy=args.policy, model=args.model, config=args.config,
-                overrides=args.overrides, env=args.env, limit=args.limit, out=args.out,
+                args.split,
+                policy=args.policy,
+                model=args.model,
+                config=args.config,
+                overrides=args.overrides,
+                env=args.env,
+                limit=args.limit,
+                out=args.out,
             )
     except (ConfigError, FileNotFoundError) as e:
         print(f"fastrl: error: {e}", file=sys.stderr)

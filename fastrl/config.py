@@ -105,7 +105,8 @@ class RLConfig:
     advantage: str = "grpo"
     # Policy loss from fastrl.algo.losses.POLICY_LOSSES: ppo | gspo | cispo.
     loss: str = "ppo"
-    # Loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm.
+    # Loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum |
+    # seq-mean-token-sum-norm.
     loss_agg: str = "token-mean"
     # Lower clip range of the ratio (1 - clip_low).
     clip_low: float = 0.2
@@ -119,7 +120,8 @@ class RLConfig:
     kl_estimator: str = "k3"
     # Entropy bonus coefficient.
     entropy_coef: float = 0.0
-    # Groups whose rewards all agree carry no signal: off (keep) | drop | refill (sample more tasks).
+    # Groups whose rewards all agree carry no signal: off (keep them) | drop | refill (sample
+    # more tasks).
     dynamic_sampling: str = "off"
     # Extra sampling rounds allowed by dynamic_sampling=refill.
     max_refill_rounds: int = 2
@@ -153,7 +155,7 @@ class Config:
     run_dir: str = "runs/demo"
     # Global seed (sampling, data order).
     seed: int = 0
-    # Write a checkpoint every N optimizer steps of a phase and at each phase end; 0: phase ends only.
+    # Write a checkpoint every N optimizer steps and at each phase end; 0: phase ends only.
     checkpoint_every: int = 0
     # Keep this many most recent checkpoints.
     keep_checkpoints: int = 2
@@ -180,7 +182,12 @@ class Config:
         from fastrl.algo.losses import POLICY_LOSSES
         from fastrl.envs import ENVS
 
-        aggs = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+        aggs = (
+            "token-mean",
+            "seq-mean-token-mean",
+            "seq-mean-token-sum",
+            "seq-mean-token-sum-norm",
+        )
         schedules = ("constant", "cosine", "linear")
         splits = ("train", "test", "format_ood", "content_ood")
         checks: list[tuple[str, bool, str]] = [

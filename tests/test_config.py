@@ -64,7 +64,10 @@ def test_round_trip(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again.to_dict() == cfg.to_dict()
-    assert config_from_dict({"rl": {"steps": 5}, "model": {"name": "small"}}).to_dict() == cfg.to_dict()
+    assert (
+        config_from_dict({"rl": {"steps": 5}, "model": {"name": "small"}}).to_dict()
+        == cfg.to_dict()
+    )
 
 
 def test_shipped_configs_load():

@@ -8,8 +8,19 @@ from fastrl.cli import main
 from fastrl.train import trainer
 
 CONTRACT = [
-    "step", "phase", "reward/mean", "success/mean", "loss", "clip_frac", "grad_norm", "lr",
-    "entropy", "rollout/logprob_diff_mean", "time/rollout", "time/train", "time/sync",
+    "step",
+    "phase",
+    "reward/mean",
+    "success/mean",
+    "loss",
+    "clip_frac",
+    "grad_norm",
+    "lr",
+    "entropy",
+    "rollout/logprob_diff_mean",
+    "time/rollout",
+    "time/train",
+    "time/sync",
     "throughput/tokens_per_s",
 ]
 
@@ -28,8 +39,15 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_run_writes_everything(smoke_run, capsys):
     summary = json.loads((smoke_run / "summary.json").read_text())
-    for key in ("sft_success", "rl_success", "format_ood_success", "content_ood_success",
-                "minutes", "engine", "run_dir"):
+    for key in (
+        "sft_success",
+        "rl_success",
+        "format_ood_success",
+        "content_ood_success",
+        "minutes",
+        "engine",
+        "run_dir",
+    ):
         assert key in summary
     assert 0.0 <= summary["rl_success"] <= 1.0
     rows = _rows(smoke_run)
@@ -46,8 +64,26 @@ def test_smoke_run_writes_everything(smoke_run, capsys):
 
 def test_eval_cli_model_and_oracle_and_replay(smoke_run, tmp_path, capsys):
     out = tmp_path / "oracle"
-    assert main(["eval", "--env", "synthetic", "--split", "test", "--policy", "oracle",
-                 "--config", "configs/smoke.yaml", "--out", str(out), "--limit", "5"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--env",
+                "synthetic",
+                "--split",
+                "test",
+                "--policy",
+                "oracle",
+                "--config",
+                "configs/smoke.yaml",
+                "--out",
+                str(out),
+                "--limit",
+                "5",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["success"] == 1.0 and summary["n"] == 5
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
@@ -62,14 +98,47 @@ def test_eval_cli_model_and_oracle_and_replay(smoke_run, tmp_path, capsys):
         lines.append(json.dumps({"task_id": row["task_id"], "messages": msgs}))
     replay.write_text("\n".join(lines) + "\n")
     out = tmp_path / "replay"
-    assert main(["eval", "--split", "test", "--policy", f"replay:{replay}", "--config",
-                 "configs/smoke.yaml", "--out", str(out), "--limit", "5"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--split",
+                "test",
+                "--policy",
+                f"replay:{replay}",
+                "--config",
+                "configs/smoke.yaml",
+                "--out",
+                str(out),
+                "--limit",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "summary.json").read_text())["success"] == pytest.approx(0.8)
 
     out = tmp_path / "model"
-    assert main(["eval", "--split", "format_ood", "--policy", "model", "--model",
-                 str(smoke_run / "final"), "--config", "configs/smoke.yaml", "--out", str(out),
-                 "--limit", "3"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--split",
+                "format_ood",
+                "--policy",
+                "model",
+                "--model",
+                str(smoke_run / "final"),
+                "--config",
+                "configs/smoke.yaml",
+                "--out",
+                str(out),
+                "--limit",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "summary.json").read_text())["n"] == 3
 
 
@@ -77,8 +146,19 @@ def test_bad_replay_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": 3}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
-        main(["eval", "--policy", f"replay:{bad}", "--config", "configs/smoke.yaml",
-              "--out", str(tmp_path / "o"), "--limit", "2"])
+        main(
+            [
+                "eval",
+                "--policy",
+                f"replay:{bad}",
+                "--config",
+                "configs/smoke.yaml",
+                "--out",
+                str(tmp_path / "o"),
+                "--limit",
+                "2",
+            ]
+        )
 
 
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):

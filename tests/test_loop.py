@@ -2,6 +2,7 @@ import torch
 
 from fastrl.rollout.engines import HFEngine, ScriptedEngine
 from fastrl.rollout.loop import Limits, run_episodes
+from fastrl.rollout.types import Sampling
 from fastrl.train.trainer import expert_trajectories
 
 
@@ -12,8 +13,14 @@ def _expert_scripts(tasks):
 def _play(tokenizer, world, tasks, scripts, limits=None, **kw):
     engine = ScriptedEngine(tokenizer, scripts)
     return run_episodes(
-        engine, tokenizer, tasks, world.make_env, limits=limits or Limits(),
-        request_ids=[t.id for t in tasks], temperature=0.0, **kw,
+        engine,
+        tokenizer,
+        tasks,
+        world.make_env,
+        limits=limits or Limits(),
+        request_ids=[t.id for t in tasks],
+        temperature=0.0,
+        **kw,
     )
 
 
@@ -43,9 +50,9 @@ def test_hostile_messages_never_crash(tiny_policy, world):
     tasks = world.tasks("test", 6)
     garbage = [
         "<tool_call>\n{not json",
-        "<tool_call>\n{\"name\": \"__import__\", \"arguments\": {\"x\": \"os\"}}\n</tool_call>",
+        '<tool_call>\n{"name": "__import__", "arguments": {"x": "os"}}\n</tool_call>',
         "<tool_call>\n[1, 2, 3]\n</tool_call>",
-        "<tool_call>\n{\"name\": \"lookup_user\", \"arguments\": \"oops\"}\n</tool_call>",
+        '<tool_call>\n{"name": "lookup_user", "arguments": "oops"}\n</tool_call>',
         "<tool_call><tool_call><tool_call>",
         "x" * 3000,
     ]
@@ -83,8 +90,14 @@ def test_hint_is_seen_by_sampling_only(tiny_policy, world):
 
     engine = Recorder(tok, _expert_scripts(tasks))
     trajs = run_episodes(
-        engine, tok, tasks, world.make_env, limits=Limits(), temperature=0.0,
-        request_ids=[t.id for t in tasks], system_suffix=["Hint: look it up.", None],
+        engine,
+        tok,
+        tasks,
+        world.make_env,
+        limits=Limits(),
+        temperature=0.0,
+        request_ids=[t.id for t in tasks],
+        system_suffix=["Hint: look it up.", None],
     )
     hint = tok.encode("Hint: look it up.", add_special_tokens=False)
     text = tok.decode(Recorder.prompts[0])
@@ -100,7 +113,11 @@ def test_hf_engine_returns_sampled_ids_and_logprobs(tiny_policy, world):
     engine = HFEngine(model, tok.pad_token_id)
     torch.manual_seed(0)
     trajs = run_episodes(
-        engine, tok, tasks, world.make_env, limits=Limits(max_turns=2, max_turn_tokens=12),
+        engine,
+        tok,
+        tasks,
+        world.make_env,
+        limits=Limits(max_turns=2, max_turn_tokens=12),
         temperature=1.0,
     )
     for t in trajs:
@@ -123,3 +140,30 @@ def test_expert_trajectories_are_sft_data(tiny_policy, world):
     trajs = expert_trajectories(tok, world, tasks, Limits(max_total_tokens=4096))
     assert len(trajs) == 16
     assert all(t.source == "expert" and t.success for t in trajs)
+
+
+def test_prefix_cache_gives_the_same_outputs(tiny_policy, world):
+    model, tok, _ = tiny_policy
+    prompts = [tok.encode(t.messages[1]["content"]) for t in world.tasks("test", 5)]
+
+    class NoCache(HFEngine):
+        def _cached_len(self, rid, prompt):
+            return 0
+
+    sampling = Sampling(max_tokens=6, temperature=0.0)
+    results = []
+    for engine in (
+        HFEngine(model, tok.pad_token_id, max_batch=3),
+        NoCache(model, tok.pad_token_id, max_batch=3),
+    ):
+        rids = [f"r{i}" for i in range(len(prompts))]
+        first = engine.generate(prompts, sampling, rids)
+        # The next turn: previous context + sampled tokens + an observation of varying length.
+        follow = [p + o.token_ids + [7] * (i + 1) for i, (p, o) in enumerate(zip(prompts, first))]
+        reused = [engine._cached_len(r, f) for r, f in zip(rids, follow)]
+        results.append((first, engine.generate(follow, sampling, rids), reused))
+    (a1, a2, reused), (b1, b2, _) = results
+    assert all(r == len(p) + 5 for r, p in zip(reused, prompts))  # all but the last sampled token
+    for x, y in zip(a1 + a2, b1 + b2):
+        assert x.token_ids == y.token_ids
+        assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4)

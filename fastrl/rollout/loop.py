@@ -9,6 +9,7 @@ tokens; an episode cut by any of them is marked `truncated`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,10 @@ from typing import Any
 from fastrl.envs.base import Env, Task
 from fastrl.envs.formats import get_format
 from fastrl.rollout.types import Engine, Sampling, Trajectory
+
+_episode_ids = (
+    itertools.count()
+)  # request ids unique within the process: engines key caches by them
 
 
 @dataclass
@@ -83,7 +88,7 @@ def run_episodes(
             prompt_ids=prompt_ids,
             messages=[dict(m) for m in messages],
         )
-        rid = request_ids[i] if request_ids is not None else f"{task.id}#{i}"
+        rid = request_ids[i] if request_ids is not None else f"{task.id}#{next(_episode_ids)}"
         episodes.append(Episode(traj, task, env, rid))
 
     sample_prompts: dict[int, list[int]] = {}
@@ -98,9 +103,7 @@ def run_episodes(
     for _turn in range(limits.max_turns):
         if not live:
             break
-        budget = {
-            i: limits.max_total_tokens - episodes[i].traj.num_tokens for i in live
-        }
+        budget = {i: limits.max_total_tokens - episodes[i].traj.num_tokens for i in live}
         live = [i for i in live if budget[i] > 0 or _mark_truncated(episodes[i])]
         if not live:
             break

@@ -51,7 +51,9 @@ class Trajectory:
     response_ids: list[int] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)
     engine_logprobs: list[float] = field(default_factory=list)  # 0.0 where loss_mask is 0
-    turn_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of assistant turns
+    turn_spans: list[tuple[int, int]] = field(
+        default_factory=list
+    )  # [start, end) of assistant turns
     messages: list[dict] = field(default_factory=list)  # the conversation as text, for logs
     reward: float = 0.0
     success: bool = False

@@ -206,7 +206,12 @@ def evaluate_policy(
         chunk = tasks[start : start + batch_size]
         rids = request_ids[start : start + batch_size] if request_ids else None
         trajs += run_episodes(
-            engine, tokenizer, chunk, world.make_env, limits=limits, temperature=0.0,
+            engine,
+            tokenizer,
+            chunk,
+            world.make_env,
+            limits=limits,
+            temperature=0.0,
             request_ids=rids,
         )
     rows = [
@@ -236,7 +241,12 @@ def expert_trajectories(tokenizer, world, tasks: list[Task], limits: Limits) -> 
     scripts = {t.id: [m for turn in t.expert for m in turn] for t in tasks}
     engine = ScriptedEngine(tokenizer, scripts)
     trajs = run_episodes(
-        engine, tokenizer, tasks, world.make_env, limits=limits, temperature=0.0,
+        engine,
+        tokenizer,
+        tasks,
+        world.make_env,
+        limits=limits,
+        temperature=0.0,
         request_ids=[t.id for t in tasks],
     )
     for t in trajs:
@@ -272,7 +282,13 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     }
 
     # Where a resumed run picks up.
-    state: dict[str, Any] = {"phase": "sft", "phase_step": 0, "step": 0, "position": 0, "results": {}}
+    state: dict[str, Any] = {
+        "phase": "sft",
+        "phase_step": 0,
+        "step": 0,
+        "position": 0,
+        "results": {},
+    }
     optimizer_state = None
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
@@ -288,7 +304,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
 
     def checkpoint(optimizer) -> None:
         save_checkpoint(
-            run_dir, f"step_{state['step']:06d}", model, optimizer, state,
+            run_dir,
+            f"step_{state['step']:06d}",
+            model,
+            optimizer,
+            state,
             keep=cfg.keep_checkpoints,
         )
 
@@ -301,8 +321,18 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     # ----------------------------------------------------------------------- SFT phase
     if state["phase"] == "sft":
         if cfg.sft.steps > 0:
-            sft_phase(cfg, model, tokenizer, world, train_tasks, limits, state, optimizer_state,
-                      logger, checkpoint)
+            sft_phase(
+                cfg,
+                model,
+                tokenizer,
+                world,
+                train_tasks,
+                limits,
+                state,
+                optimizer_state,
+                logger,
+                checkpoint,
+            )
             optimizer_state = None
         state["results"]["sft_success"] = evaluate("test")["success"]
         log.info("test success after SFT: %.3f", state["results"]["sft_success"])
@@ -312,8 +342,22 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     # ----------------------------------------------------------------------- RL phase
     if state["phase"] == "rl":
         if cfg.rl.steps > 0:
-            rl_phase(cfg, model, tokenizer, world, engine, train_tasks, limits, state,
-                     optimizer_state, logger, checkpoint, control_ids, newline_id, evaluate)
+            rl_phase(
+                cfg,
+                model,
+                tokenizer,
+                world,
+                engine,
+                train_tasks,
+                limits,
+                state,
+                optimizer_state,
+                logger,
+                checkpoint,
+                control_ids,
+                newline_id,
+                evaluate,
+            )
         state.update(phase="done")
         checkpoint(None)
 
@@ -346,8 +390,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     return summary
 
 
-def sft_phase(cfg, model, tokenizer, world, train_tasks, limits, state, optimizer_state, logger,
-              checkpoint) -> None:
+def sft_phase(
+    cfg, model, tokenizer, world, train_tasks, limits, state, optimizer_state, logger, checkpoint
+) -> None:
     optimizer = make_optimizer(model, cfg, cfg.sft.lr)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -381,10 +426,17 @@ def sft_phase(cfg, model, tokenizer, world, train_tasks, limits, state, optimize
         state["phase_step"] += 1
         state["step"] += 1
         dt = time.time() - t0
-        logger.log({
-            "step": state["step"], "phase": "sft", "loss": total_loss, "grad_norm": grad_norm,
-            "lr": lr, "time/train": dt, "throughput/tokens_per_s": n_tokens / dt,
-        })
+        logger.log(
+            {
+                "step": state["step"],
+                "phase": "sft",
+                "loss": total_loss,
+                "grad_norm": grad_norm,
+                "lr": lr,
+                "time/train": dt,
+                "throughput/tokens_per_s": n_tokens / dt,
+            }
+        )
         if cfg.checkpoint_every and state["phase_step"] % cfg.checkpoint_every == 0:
             checkpoint(optimizer)
 
@@ -420,8 +472,13 @@ def sample_groups(cfg, engine, tokenizer, world, stream, limits, state):
         state["position"] = pos + 1
         group_base = state["step"] * 10_000 + len(sampled)
         trajs = run_episodes(
-            engine, tokenizer, [t for t in tasks for _ in range(G)], world.make_env,
-            limits=limits, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            engine,
+            tokenizer,
+            [t for t in tasks for _ in range(G)],
+            world.make_env,
+            limits=limits,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
             group_ids=[group_base + i for i in range(need) for _ in range(G)],
         )
         sampled += trajs
@@ -437,8 +494,22 @@ def sample_groups(cfg, engine, tokenizer, world, stream, limits, state):
     return kept, sampled
 
 
-def rl_phase(cfg, model, tokenizer, world, engine, train_tasks, limits, state, optimizer_state,
-             logger, checkpoint, control_ids, newline_id, evaluate) -> None:
+def rl_phase(
+    cfg,
+    model,
+    tokenizer,
+    world,
+    engine,
+    train_tasks,
+    limits,
+    state,
+    optimizer_state,
+    logger,
+    checkpoint,
+    control_ids,
+    newline_id,
+    evaluate,
+) -> None:
     optimizer = make_optimizer(model, cfg, cfg.rl.lr)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -473,8 +544,20 @@ def rl_phase(cfg, model, tokenizer, world, engine, train_tasks, limits, state, o
                 t.info["advantage"] = a
             trained = [t for t in trajs if not (cfg.rl.mask_truncated and t.truncated)]
             row["rollout/masked_truncated"] = 1 - len(trained) / len(trajs)
-            stats = policy_update(cfg, model, ref_model, optimizer, loss_fn, trained, trajs, pad_id,
-                                  T, control_ids, newline_id, state["phase_step"])
+            stats = policy_update(
+                cfg,
+                model,
+                ref_model,
+                optimizer,
+                loss_fn,
+                trained,
+                trajs,
+                pad_id,
+                T,
+                control_ids,
+                newline_id,
+                state["phase_step"],
+            )
             row.update(stats)
         state["phase_step"] += 1
         state["step"] += 1
@@ -493,8 +576,20 @@ def rl_phase(cfg, model, tokenizer, world, engine, train_tasks, limits, state, o
             checkpoint(optimizer)
 
 
-def policy_update(cfg, model, ref_model, optimizer, loss_fn, trajs, sampled, pad_id, temperature,
-                  control_ids, newline_id, phase_step) -> dict[str, float]:
+def policy_update(
+    cfg,
+    model,
+    ref_model,
+    optimizer,
+    loss_fn,
+    trajs,
+    sampled,
+    pad_id,
+    temperature,
+    control_ids,
+    newline_id,
+    phase_step,
+) -> dict[str, float]:
     """`updates_per_step` optimizer steps over mini-batches of `trajs`; returns step metrics.
 
     `sampled` (a superset of `trajs`) is measured instead when no trajectory carries a signal.
@@ -531,19 +626,27 @@ def policy_update(cfg, model, ref_model, optimizer, loss_fn, trajs, sampled, pad
             batch = collate(group, pad_id)
             mask = batch.target_mask.float()  # [B, T]
             logp, entropy, ctrl_probs = token_stats(model, batch, temperature, control_ids)
-            old_lp = (
-                torch.stack([old[id(t)] for t in group]) if old else logp.detach()
-            )  # [B, T]
+            old_lp = torch.stack([old[id(t)] for t in group]) if old else logp.detach()  # [B, T]
             ref_lp = None
             if ref_model is not None:
                 with torch.no_grad():
                     ref_lp, _, _ = token_stats(ref_model, batch, temperature)
             adv = torch.tensor([t.info["advantage"] for t in group], dtype=torch.float32)  # [B]
             loss, stats = loss_fn(
-                logp, old_lp, adv, mask, ref_logprobs=ref_lp, entropy=entropy,
-                clip_low=rl.clip_low, clip_high=rl.clip_high, dual_clip=rl.dual_clip,
-                kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator, entropy_coef=rl.entropy_coef,
-                loss_agg=rl.loss_agg, norm_len=cfg.rollout.max_total_tokens,
+                logp,
+                old_lp,
+                adv,
+                mask,
+                ref_logprobs=ref_lp,
+                entropy=entropy,
+                clip_low=rl.clip_low,
+                clip_high=rl.clip_high,
+                dual_clip=rl.dual_clip,
+                kl_coef=rl.kl_coef,
+                kl_estimator=rl.kl_estimator,
+                entropy_coef=rl.entropy_coef,
+                loss_agg=rl.loss_agg,
+                norm_len=cfg.rollout.max_total_tokens,
             )
             g_tokens = mask.sum().item()
             if rl.loss_agg == "token-mean":
@@ -561,8 +664,9 @@ def policy_update(cfg, model, ref_model, optimizer, loss_fn, trajs, sampled, pad
         # No trajectory carried a learning signal (every group agreed): no update, but the
         # policy's token metrics are still measured.
         with torch.no_grad():
-            for group in micro_batches([t for t in sampled if any(t.loss_mask)],
-                                       cfg.optim.micro_batch_tokens):
+            for group in micro_batches(
+                [t for t in sampled if any(t.loss_mask)], cfg.optim.micro_batch_tokens
+            ):
                 batch = collate(group, pad_id)
                 logp, entropy, ctrl_probs = token_stats(model, batch, temperature, control_ids)
                 token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id)
