@@ -3,8 +3,8 @@
 A preset is materialised once into a cache directory: a byte-level BPE tokenizer trained on a
 corpus the caller provides (the environment's own text), with Qwen2.5's control tokens and chat
 template, plus a randomly initialised `Qwen2ForCausalLM`. Both are written with `save_pretrained`,
-so the directory loads with plain `AutoTokenizer` / `AutoModelForCausalLM` (and vLLM) and nothing
-is ever fetched from a hub.
+so the directory loads with `AutoModelForCausalLM` and `load_tokenizer` (and vLLM, which is given
+token ids) and nothing is ever fetched from a hub.
 
     model, tokenizer, path = load_model("tiny", corpus=env.corpus, cache_dir="~/.cache/fastrl")
     model, tokenizer, path = load_model("/models/Qwen2.5-0.5B-Instruct")
@@ -50,7 +50,7 @@ __all__ = [
 
 # Bump when anything that changes a materialised preset changes (tokenizer recipe, template,
 # config fields, init), so stale cache directories are never reused.
-PRESET_FORMAT_VERSION = 1
+PRESET_FORMAT_VERSION = 2
 
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
@@ -66,12 +66,12 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<tools>",
     "</tools>",
 )
-# Qwen2's pre-tokenizer split. `AutoTokenizer` loads any `model_type: qwen2` directory as
-# `Qwen2Tokenizer`, which rebuilds the pipeline with this regex and an NFC normaliser from the
-# saved vocab and merges; training with the same pipeline keeps encodings identical whichever
-# class (ours, transformers', vLLM's) reads the directory.
-QWEN2_PRETOKENIZE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+# The pre-tokenizer split. Unlike Qwen2's, a word never carries the character before it and a
+# number stays whole: "Mia" is the same token in `Where does Mia live?` and in `{"name": "Mia"}`,
+# and "745" the same in a tool result and in the call that uses it. Copying an entity from the
+# context is then a copy of identical tokens, which a small model learns far sooner.
+PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 # The JSON opener the collapse monitor probes right after "<tool_call>\n"; kept a single token.
@@ -148,7 +148,7 @@ PRESETS: dict[str, ModelPreset] = {
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer with Qwen2.5's control tokens and chat template.
 
-    The pipeline is Qwen2's (NFC normaliser, Qwen2 split regex, byte-level BPE), so any text
+    The pipeline is an NFC normaliser, the `PRETOKENIZE_REGEX` split and byte-level BPE, so any text
     encodes (the 256 byte symbols are in the initial alphabet) and `decode(encode(s)) == s` for
     NFC text; decoding adds and strips nothing. Ids 0..8 are `SPECIAL_TOKENS` in order; `{"` is
     an ordinary (non-special) added token, so it is always one token. The result is
@@ -166,7 +166,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedT
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -354,7 +354,7 @@ def load_model(
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in model directory {str(model_dir)!r}")
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         dtype=dtype,
@@ -366,6 +366,19 @@ def load_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model, tokenizer, model_dir
+
+
+def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a local model directory, exactly as its `tokenizer.json` defines it.
+
+    `AutoTokenizer` may rebuild a model family's own pipeline around the saved vocabulary (it does
+    for `qwen2` directories), which would change how the presets' tokenizers split text; reading
+    `tokenizer.json` directly keeps encodings identical to the ones trained with.
+    """
+    model_dir = Path(model_dir)
+    if (model_dir / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(model_dir, local_files_only=True)
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

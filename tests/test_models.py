@@ -196,7 +196,7 @@ def test_failed_build_leaves_no_directory(tmp_path, monkeypatch):
 
 
 def test_saved_directory_loads_with_auto_classes(tiny_dir, tokenizer):
-    loaded_tok = AutoTokenizer.from_pretrained(tiny_dir, local_files_only=True)
+    loaded_tok = models.load_tokenizer(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, local_files_only=True)
     assert model.generation_config.eos_token_id == loaded_tok.convert_tokens_to_ids("<|im_end|>")
     assert model.generation_config.pad_token_id == loaded_tok.convert_tokens_to_ids("<|endoftext|>")
@@ -259,3 +259,17 @@ def test_count_parameters_counts_tied_weights_once(tiny_dir):
     norms = 2 * preset.hidden
     expected = embed + preset.layers * (attn + attn_bias + mlp + norms) + preset.hidden
     assert count_parameters(model) == expected
+
+
+def test_entities_are_the_same_tokens_in_text_and_json(tokenizer):
+    def contains(seq, sub):
+        return any(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+    text = tokenizer.encode("Where does Mia live? Account A745.", add_special_tokens=False)
+    call = tokenizer.encode('{"name": "Mia", "account": "A745"}', add_special_tokens=False)
+    for word in ("Mia", "745"):
+        tokens = tokenizer.encode(word, add_special_tokens=False)
+        assert contains(text, tokens) and contains(call, tokens), word
+    assert tokenizer.encode(" Mia", add_special_tokens=False)[1:] == tokenizer.encode(
+        "Mia", add_special_tokens=False
+    )
