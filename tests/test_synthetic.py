@@ -87,7 +87,7 @@ def test_ids_unique_and_fields(tasks):
             assert t.hint
             for tool in t.tools:
                 assert set(tool) == {"name", "description", "parameters"}
-                assert tool["parameters"]["type"] == "object"
+                assert all(kind in ("string", "integer") for kind in tool["parameters"].values())
 
 
 def test_train_and_test_disjoint(world, tasks):
@@ -316,9 +316,9 @@ def test_extra_transfer_breaks_state(world, tasks):
 def _hostile_calls(task: Task) -> list[ToolCall]:
     tool = task.tools[0]
     name = tool["name"]
-    params = tool["parameters"]["properties"]
-    good = {p: ("x" if spec["type"] == "string" else 1) for p, spec in params.items()}
-    wrong_type = {p: (1 if spec["type"] == "string" else "1") for p, spec in params.items()}
+    params = tool["parameters"]  # argument name -> JSON type
+    good = {p: ("x" if kind == "string" else 1) for p, kind in params.items()}
+    wrong_type = {p: (1 if kind == "string" else "1") for p, kind in params.items()}
     return [
         ToolCall("rm_rf", {}),
         ToolCall("__import__", {"name": "os"}),

@@ -40,7 +40,7 @@ class Task:
     id: str  # unique and stable, e.g. "synthetic/test/00042"
     split: str  # train | test | format_ood | content_ood
     messages: list[dict]  # opening chat: system prompt then the first user message
-    tools: list[dict]  # {"name", "description", "parameters"} JSON schemas of the offered tools
+    tools: list[dict]  # {"name", "description", "parameters"} schemas of the offered tools
     fmt: str  # the call syntax the system prompt asks for: "hermes" | "pythonic"
     expert: list[list[str]]  # per user turn: expert assistant contents (calls, then the answer)
     hint: str | None = None  # short natural-language summary of the solution
