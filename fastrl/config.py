@@ -28,7 +28,7 @@ class ModelConfig:
     # Parameter dtype for training: float32 | bfloat16.
     dtype: str = "float32"
     # BPE vocabulary size of a preset's tokenizer (presets only).
-    vocab_size: int = 1024
+    vocab_size: int = 2048
     # Seed of a preset's random initialisation (presets only).
     init_seed: int = 0
     # Recompute activations in the backward pass to save memory.
@@ -72,11 +72,11 @@ class RolloutConfig:
 @dataclass
 class SFTConfig:
     # Optimizer steps of the SFT phase on expert trajectories (0 skips it).
-    steps: int = 120
+    steps: int = 400
     # Expert trajectories per optimizer step.
-    batch_size: int = 32
+    batch_size: int = 8
     # Peak learning rate.
-    lr: float = 2e-3
+    lr: float = 3e-3
     # Fraction of the steps spent in linear warm-up.
     warmup_ratio: float = 0.05
     # Learning-rate schedule after warm-up: constant | cosine | linear.
@@ -88,13 +88,13 @@ class SFTConfig:
 @dataclass
 class RLConfig:
     # RL steps (each: sample groups, score, advantages, policy update); 0 skips RL.
-    steps: int = 30
+    steps: int = 15
     # Distinct tasks per RL step.
-    prompts_per_step: int = 16
+    prompts_per_step: int = 8
     # Rollouts per task (the GRPO group).
     group_size: int = 8
     # Peak learning rate.
-    lr: float = 2e-4
+    lr: float = 1e-4
     # Linear warm-up steps.
     warmup_steps: int = 2
     # Learning-rate schedule after warm-up: constant | cosine | linear.
@@ -138,7 +138,7 @@ class OptimConfig:
     # Gradient-norm clip; 0 disables it.
     grad_clip: float = 1.0
     # Token budget of one micro-batch (padded tokens); bounds activation memory.
-    micro_batch_tokens: int = 16384
+    micro_batch_tokens: int = 4096
 
 
 @dataclass

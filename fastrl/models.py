@@ -13,6 +13,7 @@ token ids) and nothing is ever fetched from a hub.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -50,7 +51,7 @@ __all__ = [
 
 # Bump when anything that changes a materialised preset changes (tokenizer recipe, template,
 # config fields, init), so stale cache directories are never reused.
-PRESET_FORMAT_VERSION = 2
+PRESET_FORMAT_VERSION = 4
 
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
@@ -68,10 +69,12 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 )
 # The pre-tokenizer split. Unlike Qwen2's, a word never carries the character before it and a
 # number stays whole: "Mia" is the same token in `Where does Mia live?` and in `{"name": "Mia"}`,
-# and "745" the same in a tool result and in the call that uses it. Copying an entity from the
-# context is then a copy of identical tokens, which a small model learns far sooner.
+# and "745" the same in a tool result and in the call that uses it. A JSON key keeps its closing
+# quote, colon and the value's opening quote (`city": "`), so a value directly follows the key that
+# names it, in tool results and in calls alike. Copying an entity from the context is then a copy
+# of identical tokens right after identical tokens, which a small model learns far sooner.
 PRETOKENIZE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[\p{L}_]+\": ?\"?|[\p{L}_]+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 # The JSON opener the collapse monitor probes right after "<tool_call>\n"; kept a single token.
@@ -178,7 +181,9 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedT
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(texts, trainer=trainer)
+    # The chat roles are text inside the template's frame; seeing them keeps each one token.
+    roles = ["system\nuser\nassistant\n"] * 64
+    backend.train_from_iterator(itertools.chain(texts, roles), trainer=trainer)
     backend.add_tokens([OPEN_JSON])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
