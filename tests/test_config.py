@@ -49,6 +49,16 @@ def test_bad_values_name_the_key(override, key):
     assert key in str(err.value)
 
 
+def test_yaml_words_stay_strings(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rl:\n  dynamic_sampling: off\nprogress: false\n")
+    cfg = load_config(path, ["tensorboard=False"])
+    assert cfg.rl.dynamic_sampling == "off" and cfg.progress is False and cfg.tensorboard is False
+    assert load_config(None, ["rl.dynamic_sampling=off"]).rl.dynamic_sampling == "off"
+    with pytest.raises(ConfigError, match="progress"):
+        load_config(None, ["progress=yes"])
+
+
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["rl.lr"])

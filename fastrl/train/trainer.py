@@ -455,7 +455,10 @@ def clip_and_step(model, optimizer, grad_clip: float) -> float:
 
 
 def sample_groups(cfg, engine, tokenizer, world, stream, limits, state):
-    """Play `group_size` episodes per task; apply dynamic sampling. Returns (trajs, info)."""
+    """Play `group_size` episodes per task and apply dynamic sampling.
+
+    Returns (kept, sampled): the trajectories to train on and every trajectory played.
+    """
     G = cfg.rl.group_size
     kept: list[Trajectory] = []
     n_groups = 0
@@ -607,7 +610,7 @@ def policy_update(
             for group in micro_batches(trajs, cfg.optim.micro_batch_tokens):
                 logp, _, _ = token_stats(model, collate(group, pad_id), temperature)
                 for t, lp in zip(group, logp):
-                    old[id(t)] = lp
+                    old[id(t)] = lp[: t.num_tokens]  # [T_t] without this batch's padding
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
 
@@ -626,7 +629,11 @@ def policy_update(
             batch = collate(group, pad_id)
             mask = batch.target_mask.float()  # [B, T]
             logp, entropy, ctrl_probs = token_stats(model, batch, temperature, control_ids)
-            old_lp = torch.stack([old[id(t)] for t in group]) if old else logp.detach()  # [B, T]
+            old_lp = (
+                torch.nn.utils.rnn.pad_sequence([old[id(t)] for t in group], batch_first=True)
+                if old
+                else logp.detach()
+            )  # [B, T]
             ref_lp = None
             if ref_model is not None:
                 with torch.no_grad():

@@ -1,0 +1,131 @@
+import copy
+
+import pytest
+import torch
+
+from fastrl.algo.losses import get_policy_loss
+from fastrl.config import load_config
+from fastrl.rollout.engines import ScriptedEngine
+from fastrl.rollout.loop import Limits
+from fastrl.rollout.types import Trajectory
+from fastrl.train import trainer as T
+
+
+def test_collate_aligns_labels_with_trained_tokens():
+    t = Trajectory("t", 0, [10, 11, 12], [20, 21, 30, 31, 22], [1, 1, 0, 0, 1], [-1, -2, 0, 0, -3])
+    short = Trajectory("s", 1, [10, 11], [40], [1], [-0.5])
+    b = T.collate([t, short], pad_id=0)
+    assert b.input_ids.tolist() == [[10, 11, 12, 20, 21, 30, 31, 22], [10, 11, 40, 0, 0, 0, 0, 0]]
+    # Position p predicts token p + 1: targets are exactly the sampled response tokens.
+    assert b.labels[0][b.target_mask[0]].tolist() == [20, 21, 22]
+    assert b.engine_logprobs[0][b.target_mask[0]].tolist() == [-1, -2, -3]
+    assert b.labels[1][b.target_mask[1]].tolist() == [40]
+    assert b.attention_mask.sum(1).tolist() == [8, 3]
+
+
+def test_micro_batches_respect_the_token_budget():
+    trajs = [Trajectory(str(i), i, [1] * (5 + 7 * i % 40), [2], [1], [0.0]) for i in range(30)]
+    groups = T.micro_batches(trajs, token_budget=100)
+    assert sorted(t.task_id for g in groups for t in g) == sorted(t.task_id for t in trajs)
+    for g in groups:
+        assert len(g) == 1 or len(g) * max(t.num_tokens for t in g) <= 100
+
+
+def test_lr_schedules():
+    assert [T.lr_factor(s, 10, 2, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert T.lr_factor(2, 10, 2, "cosine") == pytest.approx(1.0)
+    assert T.lr_factor(10, 10, 2, "cosine") == pytest.approx(0.0)
+    assert T.lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
+
+
+class HalfRight(ScriptedEngine):
+    """Sends the expert's messages for episodes of odd-numbered tasks every other episode, and
+    nothing useful otherwise: even tasks' groups all fail (no variance), odd tasks' groups mix."""
+
+    def __init__(self, tokenizer, tasks):
+        super().__init__(tokenizer, {})
+        self.expert = {t.id: [m for turn in t.expert for m in turn] for t in tasks}
+        self.seen = 0
+
+    def generate(self, prompts, sampling, request_ids=None):
+        for rid in request_ids:
+            if rid not in self.scripts:
+                task_id = rid.split("#")[0]
+                odd = int(task_id.rsplit("/", 1)[1]) % 2 == 1
+                self.seen += 1
+                good = odd and self.seen % 2 == 0
+                self.scripts[rid] = self.expert[task_id] if good else ["I do not know."]
+        return super().generate(prompts, sampling, request_ids)
+
+
+@pytest.mark.parametrize("mode, expected_groups", [("off", 4), ("drop", 2), ("refill", 4)])
+def test_dynamic_sampling(tiny_policy, world, mode, expected_groups):
+    _, tok, _ = tiny_policy
+    cfg = load_config(
+        None,
+        [
+            f"rl.dynamic_sampling={mode}",
+            "rl.prompts_per_step=4",
+            "rl.group_size=4",
+            "rl.max_refill_rounds=3",
+        ],
+    )
+    tasks = world.tasks("train", 40)
+    stream = T.task_stream(tasks, seed=0, start=0)
+    state = {"step": 0, "position": 0}
+    kept, sampled = T.sample_groups(
+        cfg, HalfRight(tok, tasks), tok, world, stream, Limits(max_total_tokens=4096), state
+    )
+    groups = {t.group_id for t in kept}
+    assert len(groups) >= expected_groups and len(kept) == 4 * len(groups)
+    if mode != "off":
+        for g in groups:  # every kept group has reward variance
+            assert len({t.reward for t in kept if t.group_id == g}) == 2
+    assert state["position"] == len(sampled) // 4
+
+
+def test_policy_update_with_kl_and_several_updates(tiny_policy, world):
+    model, tok, _ = tiny_policy
+    model = copy.deepcopy(model).train()
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    cfg = load_config(None, ["rl.kl_coef=0.05", "rl.updates_per_step=2", "rl.entropy_coef=0.01"])
+    tasks = world.tasks("train", 4)
+    trajs = T.expert_trajectories(tok, world, tasks, Limits(max_total_tokens=4096))
+    for i, t in enumerate(trajs):
+        t.group_id = 0
+        t.info["advantage"] = 1.0 if i % 2 else -1.0
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = T.make_optimizer(model, cfg, 1e-3)
+    im_end, tool_call = tok.convert_tokens_to_ids(["<|im_end|>", "<tool_call>"])
+    control_ids = [tok.convert_tokens_to_ids('{"'), im_end, tool_call]
+    newline = tok.encode("\n", add_special_tokens=False)[0]
+    stats = T.policy_update(
+        cfg,
+        model,
+        ref,
+        optimizer,
+        get_policy_loss("ppo"),
+        trajs,
+        trajs,
+        tok.pad_token_id,
+        1.0,
+        control_ids,
+        newline,
+        0,
+    )
+    for key in (
+        "loss",
+        "kl",
+        "entropy",
+        "clip_frac",
+        "grad_norm",
+        "rollout/logprob_diff_mean",
+        "ctrl/p_open_json",
+        "ctrl/p_im_end",
+        "ctrl/p_tool_call",
+    ):
+        assert key in stats and stats[key] == stats[key], key
+    assert stats["kl"] > 0  # the second update moved away from the reference
+    assert stats["grad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(not p.requires_grad for p in ref.parameters())
