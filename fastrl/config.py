@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false are booleans, so `dynamic_sampling: off` stays a string."""
+    """YAML 1.2 booleans: only true/false are, so `dynamic_sampling: off` stays a string."""
 
 
 _Loader.yaml_implicit_resolvers = {
