@@ -333,7 +333,7 @@ def _hostile_calls(task: Task) -> list[ToolCall]:
         ToolCall(name, {p: "x" * 1_000_000 for p in params}),
         ToolCall(
             name,
-            {p: -(10**30) if spec["type"] == "integer" else "Nobody" for p, spec in params.items()},
+            {p: -(10**30) if kind == "integer" else "Nobody" for p, kind in params.items()},
         ),
         ToolCall(name, good),
     ]
