@@ -51,7 +51,7 @@ __all__ = [
 
 # Bump when anything that changes a materialised preset changes (tokenizer recipe, template,
 # config fields, init), so stale cache directories are never reused.
-PRESET_FORMAT_VERSION = 4
+PRESET_FORMAT_VERSION = 5
 
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
@@ -254,6 +254,32 @@ def _is_complete(path: Path) -> bool:
     return (path / _COMPLETE_MARKER).is_file()
 
 
+PREVIOUS_TOKEN_BIAS = 6.0
+
+
+@torch.no_grad()
+def init_previous_token_head(model: Qwen2ForCausalLM, scale: float = PREVIOUS_TOKEN_BIAS) -> None:
+    """Start query head 0 of the first layer as a previous-token head.
+
+    Copying a value from the context (the city a tool returned, into the next call) needs a head
+    that looks at the previous token and a later head that matches on what it found. From a random
+    start a small model forms that pair late (a plateau, then a sudden drop in loss); giving it the
+    first half through the q/k biases removes most of the plateau. With RoPE, constant q and k
+    give a score of sum_i |q_i||k_i| cos(delta * theta_i + arg q_i - arg k_i) at distance delta;
+    rotating each query pair by -theta_i makes every frequency peak at delta = 1. The biases are
+    ordinary parameters: training may keep or undo them.
+    """
+    attn = model.model.layers[0].self_attn
+    head_dim = attn.head_dim
+    half = head_dim // 2
+    base = model.config.rope_parameters["rope_theta"]
+    theta = base ** (-torch.arange(half, dtype=torch.float64) * 2 / head_dim)  # [D/2]
+    q = torch.cat([scale * torch.cos(theta), -scale * torch.sin(theta)])  # [D]
+    k = torch.cat([torch.full((half,), scale, dtype=torch.float64), torch.zeros(half)])  # [D]
+    attn.q_proj.bias[:head_dim] = q.to(attn.q_proj.bias.dtype)
+    attn.k_proj.bias[:head_dim] = k.to(attn.k_proj.bias.dtype)
+
+
 def materialize_preset(
     name: str,
     corpus: Callable[[], Iterable[str]],
@@ -297,6 +323,7 @@ def materialize_preset(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = Qwen2ForCausalLM(config)
+        init_previous_token_head(model)
         model.generation_config = GenerationConfig(
             bos_token_id=config.bos_token_id,
             eos_token_id=config.eos_token_id,

@@ -273,3 +273,16 @@ def test_entities_are_the_same_tokens_in_text_and_json(tokenizer):
     assert tokenizer.encode(" Mia", add_special_tokens=False)[1:] == tokenizer.encode(
         "Mia", add_special_tokens=False
     )
+
+
+def test_first_layer_starts_with_a_previous_token_head(tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_dir, local_files_only=True, attn_implementation="eager"
+    )
+    x = torch.randint(20, 200, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        attn = model(input_ids=x, output_attentions=True).attentions[0][0, 0]  # [T, T]
+    to_previous = torch.stack([attn[i, i - 1] for i in range(1, 48)])
+    assert to_previous.mean() > 0.8
+    other = model(input_ids=x, output_attentions=True).attentions[0][0, 1]
+    assert torch.stack([other[i, i - 1] for i in range(1, 48)]).mean() < 0.5
