@@ -96,7 +96,7 @@ class SFTConfig:
     # Expert trajectories per optimizer step.
     batch_size: int = 8
     # Peak learning rate.
-    lr: float = 3e-3
+    lr: float = 1e-3
     # Fraction of the steps spent in linear warm-up.
     warmup_ratio: float = 0.05
     # Learning-rate schedule after warm-up: constant | cosine | linear.
