@@ -47,7 +47,13 @@ class MetricLogger:
         if progress_total:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=progress_total, initial=resume_step or 0, file=sys.stderr)
+            # Redraws every step on a terminal; into a log file, every 30 s at most.
+            self._bar = tqdm(
+                total=progress_total,
+                initial=resume_step or 0,
+                file=sys.stderr,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0,
+            )
 
     def log(self, row: dict[str, Any]) -> None:
         clean = {k: _plain(v) for k, v in row.items()}
