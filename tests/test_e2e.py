@@ -193,3 +193,29 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
     sa = json.loads((full / "summary.json").read_text())
     sb = json.loads((crashed / "summary.json").read_text())
     assert sa["rl_success"] == sb["rl_success"]
+
+
+def test_resumed_run_keeps_the_kl_reference(tmp_path, monkeypatch):
+    args = [
+        "train",
+        "--config",
+        "configs/smoke.yaml",
+        "checkpoint_every=1",
+        "rl.steps=2",
+        "rl.kl_coef=0.1",
+        f"run_dir={tmp_path / 'r'}",
+    ]
+    real_update = trainer.policy_update
+
+    def crash(*a, **kw):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(trainer, "policy_update", crash)
+    with pytest.raises(RuntimeError):
+        main(args)
+    ref = tmp_path / "r" / "reference.safetensors"
+    assert ref.exists()
+    before = ref.read_bytes()
+    monkeypatch.setattr(trainer, "policy_update", real_update)
+    assert main(args + ["--resume"]) == 0
+    assert ref.read_bytes() == before

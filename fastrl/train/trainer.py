@@ -21,6 +21,7 @@ import copy
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_model as load_model_weights
+from safetensors.torch import save_model as save_model_weights
 
 from fastrl.algo.advantages import group_advantages, zero_variance_groups
 from fastrl.algo.losses import get_policy_loss, sft_loss
@@ -518,7 +521,16 @@ def rl_phase(
         optimizer.load_state_dict(optimizer_state)
     ref_model = None
     if cfg.rl.kl_coef > 0:
+        # The reference is the policy at the start of RL; it is saved once so that a resumed run
+        # keeps measuring KL against the same weights.
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        ref_path = Path(cfg.run_dir) / "reference.safetensors"
+        if ref_path.exists():
+            load_model_weights(ref_model, str(ref_path))
+        else:
+            tmp = ref_path.with_name(".reference.safetensors.tmp")
+            save_model_weights(ref_model, str(tmp))
+            os.replace(tmp, ref_path)
     loss_fn = get_policy_loss(cfg.rl.loss)
     stream = task_stream(train_tasks, cfg.seed + 1, state["position"])
     pad_id = tokenizer.pad_token_id
