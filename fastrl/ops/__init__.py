@@ -6,9 +6,10 @@ Every function here dispatches to one backend, in this order of preference:
     torch   the torch references in `fastrl.ops.reference` (always available)
 A backend module provides an op by exposing a callable with the op's public name and signature;
 ops a backend does not provide fall back to the torch reference. `FASTRL_BACKEND=torch|triton|cuda`
-forces one backend (`auto`, the default, takes the first that provides the op); forcing one that
-cannot run raises a RuntimeError. The choice for each op is logged once on the `fastrl.ops`
-logger.
+forces one backend (`auto`, the default, takes the first that provides the op and can run: Triton
+only for CUDA tensors, so CPU tensors run Triton only with `FASTRL_BACKEND=triton` and
+`TRITON_INTERPRET=1`); forcing one that cannot run raises a RuntimeError. The choice for each op
+is logged once on the `fastrl.ops` logger.
 """
 
 from __future__ import annotations
@@ -92,7 +93,13 @@ def _choose(op: str, requested: str, device_type: str) -> str:
         chosen = next(
             name
             for name in BACKENDS
-            if name == "torch" or (_provides(name, op) and not _unusable_reason(name, device_type))
+            if name == "torch"
+            or (
+                _provides(name, op)
+                and not _unusable_reason(name, device_type)
+                # The interpreter is for tests: CPU tensors use Triton only when it is forced.
+                and not (name == "triton" and device_type != "cuda")
+            )
         )
     else:
         reason = _unusable_reason(requested, device_type)
