@@ -4,6 +4,10 @@ import pytest
 
 # Tests run on the CPU; keep the thread count modest so parallel CI machines are not oversubscribed.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Without a GPU the Triton kernels run (in tests only) under Triton's interpreter, which must be
+# chosen before any kernel is defined. Forced-backend tests opt in with FASTRL_BACKEND=triton.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -3,3 +3,9 @@
 
 One kernel family per file; `fastrl.ops` dispatches to them and falls back to its torch references.
 """
+
+from .fused_linear import fused_linear_token_logprobs
+from .logprobs import token_logprobs
+from .policy_loss import policy_loss  # the function shadows its submodule's name
+
+__all__ = ["fused_linear_token_logprobs", "policy_loss", "token_logprobs"]

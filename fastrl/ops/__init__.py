@@ -95,10 +95,11 @@ def _choose(op: str, requested: str, device_type: str) -> str:
             for name in BACKENDS
             if name == "torch"
             or (
-                _provides(name, op)
+                # The interpreter is for tests: CPU tensors use Triton only when it is forced
+                # (checked first, so that Triton is not even imported for them).
+                not (name == "triton" and device_type != "cuda")
+                and _provides(name, op)
                 and not _unusable_reason(name, device_type)
-                # The interpreter is for tests: CPU tensors use Triton only when it is forced.
-                and not (name == "triton" and device_type != "cuda")
             )
         )
     else:
