@@ -123,9 +123,11 @@ def test_policy_update_with_kl_and_several_updates(tiny_policy, world):
         "ctrl/p_open_json",
         "ctrl/p_im_end",
         "ctrl/p_tool_call",
+        "ctrl/mean_p_im_end",
     ):
         assert key in stats and stats[key] == stats[key], key
     assert stats["kl"] > 0  # the second update moved away from the reference
+    assert 0 < stats["ctrl/mean_p_im_end"] < 1
     assert stats["grad_norm"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(not p.requires_grad for p in ref.parameters())

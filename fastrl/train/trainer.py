@@ -707,6 +707,10 @@ def token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id
     add("entropy", (entropy.detach() * mask).sum().item() / n, n)
     diff = ((logp.detach() - batch.engine_logprobs).abs() * mask).sum().item()
     add("rollout/logprob_diff_mean", diff / n, n)
+    if ctrl_probs is not None:
+        # Mean over every trained token (ctrl_probs rows are the target positions, in order).
+        for k, key in enumerate(CONTROL_KEYS):
+            add(f"ctrl/mean_p_{key}", ctrl_probs[:, k].mean().item(), n)
     probe = probe_rows(batch, control_ids[2], newline_id)
     if ctrl_probs is not None and probe.any():
         for k, key in enumerate(CONTROL_KEYS):
