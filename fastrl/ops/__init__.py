@@ -1,7 +1,8 @@
 """Public kernel API of fastrl: token statistics, the fused LM head, the policy loss and packing.
 
 Every function here dispatches to one backend, in this order of preference:
-    cuda    the C++/CUDA extension `fastrl._C`
+    cuda    the C++/CUDA extension `fastrl._C` through `fastrl._ext` (its CPU kernels serve CPU
+            tensors too)
     triton  the Triton kernels `fastrl.triton_kernels` (CUDA tensors, or `TRITON_INTERPRET=1`)
     torch   the torch references in `fastrl.ops.reference` (always available)
 A backend module provides an op by exposing a callable with the op's public name and signature;
@@ -44,7 +45,7 @@ __all__ = [
 logger = logging.getLogger("fastrl.ops")
 
 BACKENDS = ("cuda", "triton", "torch")
-_BACKEND_MODULES = {"cuda": "fastrl._C", "triton": "fastrl.triton_kernels"}
+_BACKEND_MODULES = {"cuda": "fastrl._ext", "triton": "fastrl.triton_kernels"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,6 +70,13 @@ def _backend_module(name: str) -> tuple[ModuleType | None, str]:
     try:
         return importlib.import_module(_BACKEND_MODULES[name]), ""
     except ImportError as error:
+        if name == "cuda":
+            logger.warning(
+                "fastrl._C (the packed-sequence C++/CUDA extension) is not built: pack, unpack, "
+                "position_ids and segment_sum use the torch reference (same results, slower). "
+                "Build it with `pip install --no-build-isolation -e .` (%s)",
+                error,
+            )
         return None, f"{_BACKEND_MODULES[name]} cannot be imported ({error})"
 
 
