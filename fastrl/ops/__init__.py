@@ -85,6 +85,8 @@ def _unusable_reason(name: str, device_type: str) -> str:
     module, reason = _backend_module(name)
     if module is None:
         return reason
+    if name == "cuda" and device_type == "cuda" and not module.has_cuda_kernels():
+        return "fastrl._C was built without CUDA kernels (CPU torch or no nvcc at build time)"
     if name == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"Triton kernels need CUDA tensors or TRITON_INTERPRET=1, got {device_type}"
     return ""
