@@ -170,3 +170,27 @@ def test_policy_update_triton_backend_matches_torch(tiny_policy, world, monkeypa
     assert sum(d.abs().sum() for d in p_torch) > 0
     for a, b in zip(p_torch, p_triton):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_logprobs_equal_one_by_one(tiny_policy, world, attention):
+    """A packed micro-batch gives each sequence the logprobs it gets when run alone."""
+    model0, tok, _ = tiny_policy
+    model = copy.deepcopy(model0).eval()
+    model.config._attn_implementation = attention
+    trajs = T.expert_trajectories(tok, world, world.tasks("test", 5), Limits(max_total_tokens=4096))
+    assert len({t.num_tokens for t in trajs}) > 1  # different lengths: real padding in the batch
+    with torch.no_grad():
+        batch = T.collate(trajs, tok.pad_token_id)
+        together, _, _ = T.token_stats(model, batch)
+        for row, t in enumerate(trajs):
+            one = T.collate([t], tok.pad_token_id)
+            alone, _, _ = T.token_stats(model, one)
+            n = one.target_mask.shape[1]
+            torch.testing.assert_close(together[row, :n], alone[0], rtol=1e-5, atol=1e-5)
+            # and against the plain padded HF forward of the full model
+            logits = model(input_ids=one.input_ids).logits.float().log_softmax(-1)
+            ref = logits[0].gather(-1, one.labels[0].clamp(min=0)[:, None])[:, 0]
+            torch.testing.assert_close(
+                alone[0][one.target_mask[0]], ref[one.target_mask[0]], rtol=1e-5, atol=1e-5
+            )

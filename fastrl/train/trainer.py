@@ -18,6 +18,7 @@ group-normalised advantages, and update the policy with the clipped loss on the 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from fastrl.envs import get_world
 from fastrl.envs.base import Task
 from fastrl.models import control_token_ids, load_model
 from fastrl.monitor.log import MetricLogger
-from fastrl.ops import fused_linear_token_logprobs
+from fastrl.ops import fused_linear_token_logprobs, pack, position_ids
 from fastrl.rollout.engines import HFEngine, ScriptedEngine
 from fastrl.rollout.loop import Limits, run_episodes
 from fastrl.rollout.types import Trajectory
@@ -162,16 +163,25 @@ def token_stats(
 ):
     """Per-target-token logprob/entropy (and control-token probs) as [B, T] tensors.
 
+    The micro-batch runs padding-free: its real tokens are packed into one sequence with
+    per-sequence position ids, and attention stays inside each sequence (transformers builds the
+    block-diagonal mask from the position ids when no attention mask and no cache are given).
     Only the trained positions go through the LM head, via the fused op, so the full [B, T, V]
     logits are never formed.
     """
+    _log_attention_choice(model)
     base = getattr(model, model.base_model_prefix)
-    hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    ids, cu_seqlens = pack(batch.input_ids, batch.attention_mask)  # [N], [B + 1]
+    positions = position_ids(cu_seqlens, ids.shape[0])  # [N]
+    hidden = base(
+        input_ids=ids[None], position_ids=positions[None], use_cache=False
+    ).last_hidden_state[0]  # [N, H]
     mask = batch.target_mask  # [B, T]
+    targets, _ = pack(mask, batch.attention_mask)  # [N] bool, target positions in row-major order
     stats = fused_linear_token_logprobs(
-        hidden[mask],  # [N, H]
+        hidden[targets],  # [M, H]
         model.get_output_embeddings().weight,  # [V, H]
-        batch.labels[mask],  # [N]
+        batch.labels[mask],  # [M]
         temperature=temperature,
         with_entropy=True,
         control_ids=control_ids,
@@ -182,6 +192,18 @@ def token_stats(
         mask, stats.entropy
     )  # [B, T]
     return logp, entropy, stats.control_probs
+
+
+@functools.cache
+def _attention_choice(implementation: str) -> str:
+    choice = f"packed sequences, {implementation} attention with a block-diagonal mask"
+    log.info("training forward: %s", choice)
+    return choice
+
+
+def _log_attention_choice(model: torch.nn.Module) -> None:
+    """Log once per attention implementation how packed micro-batches are attended."""
+    _attention_choice(str(model.config._attn_implementation))
 
 
 def probe_rows(batch: Batch, tool_call_id: int, newline_id: int) -> torch.Tensor:
