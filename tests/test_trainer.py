@@ -182,10 +182,10 @@ def test_packed_logprobs_equal_one_by_one(tiny_policy, world, attention):
     assert len({t.num_tokens for t in trajs}) > 1  # different lengths: real padding in the batch
     with torch.no_grad():
         batch = T.collate(trajs, tok.pad_token_id)
-        together, _, _ = T.token_stats(model, batch)
+        together, _, _ = T.token_stats(model, batch, packed=True)
         for row, t in enumerate(trajs):
             one = T.collate([t], tok.pad_token_id)
-            alone, _, _ = T.token_stats(model, one)
+            alone, _, _ = T.token_stats(model, one, packed=True)
             n = one.target_mask.shape[1]
             torch.testing.assert_close(together[row, :n], alone[0], rtol=1e-5, atol=1e-5)
             # and against the plain padded HF forward of the full model

@@ -160,26 +160,35 @@ def token_stats(
     batch: Batch,
     temperature: float = 1.0,
     control_ids: list[int] | None = None,
+    packed: bool = False,
 ):
     """Per-target-token logprob/entropy (and control-token probs) as [B, T] tensors.
 
-    The micro-batch runs padding-free: its real tokens are packed into one sequence with
-    per-sequence position ids, and attention stays inside each sequence (transformers builds the
-    block-diagonal mask from the position ids when no attention mask and no cache are given).
-    Only the trained positions go through the LM head, via the fused op, so the full [B, T, V]
-    logits are never formed.
+    With `packed`, the micro-batch runs padding-free: its real tokens are packed into one sequence
+    with per-sequence position ids, and attention stays inside each sequence (transformers builds
+    the block-diagonal mask from the position ids when no attention mask and no cache are given).
+    Off by default: with a dense block-diagonal mask, SDPA on CPU attends over all N² pairs and
+    the demo ran slower packed (7.3 min) than padded (5.9 min); a varlen attention path comes
+    first. Only the trained positions go through the LM head, via the fused op, so the full
+    [B, T, V] logits are never formed.
     """
-    _log_attention_choice(model)
     base = getattr(model, model.base_model_prefix)
-    ids, cu_seqlens = pack(batch.input_ids, batch.attention_mask)  # [N], [B + 1]
-    positions = position_ids(cu_seqlens, ids.shape[0])  # [N]
-    hidden = base(
-        input_ids=ids[None], position_ids=positions[None], use_cache=False
-    ).last_hidden_state[0]  # [N, H]
     mask = batch.target_mask  # [B, T]
-    targets, _ = pack(mask, batch.attention_mask)  # [N] bool, target positions in row-major order
+    if packed:
+        _log_attention_choice(model)
+        ids, cu_seqlens = pack(batch.input_ids, batch.attention_mask)  # [N], [B + 1]
+        positions = position_ids(cu_seqlens, ids.shape[0])  # [N]
+        hidden = base(
+            input_ids=ids[None], position_ids=positions[None], use_cache=False
+        ).last_hidden_state[0]  # [N, H]
+        targets, _ = pack(mask, batch.attention_mask)  # [N] bool, row-major target positions
+        hidden = hidden[targets]  # [M, H]
+    else:
+        hidden = base(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state[mask]  # [M, H]
     stats = fused_linear_token_logprobs(
-        hidden[targets],  # [M, H]
+        hidden,  # [M, H]
         model.get_output_embeddings().weight,  # [V, H]
         batch.labels[mask],  # [M]
         temperature=temperature,
