@@ -51,7 +51,7 @@ __all__ = [
 
 # Bump when anything that changes a materialised preset changes (tokenizer recipe, template,
 # config fields, init), so stale cache directories are never reused.
-PRESET_FORMAT_VERSION = 5
+PRESET_FORMAT_VERSION = 6
 
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
@@ -280,6 +280,33 @@ def init_previous_token_head(model: Qwen2ForCausalLM, scale: float = PREVIOUS_TO
     attn.k_proj.bias[:head_dim] = k.to(attn.k_proj.bias.dtype)
 
 
+COPY_HEAD_GAIN = 4.0
+
+
+@torch.no_grad()
+def init_copy_head(model: Qwen2ForCausalLM, gain: float = COPY_HEAD_GAIN, seed: int = 1) -> None:
+    """Start the last query head of the last layer with a copying output circuit.
+
+    Writing a name or city from the user's question into a call needs a head that attends to the
+    value and writes it to the output. Attention only learns where to look once the head's output
+    raises the right logit, and the output only learns to copy once attention looks there: from
+    a random start, that takes a tiny model hundreds of steps to break. With tied embeddings, an
+    OV circuit proportional to a projection copies: the value projection of the head's key/value
+    group is set to D orthonormal rows R and the head's output columns to `gain` R^T, so its
+    output for an attended token t is `gain` * P e_t, whose logit is highest for t itself. The
+    attention pattern is left random, and training may keep or undo the circuit.
+    """
+    attn = model.model.layers[-1].self_attn
+    d = attn.head_dim
+    head = model.config.num_attention_heads - 1
+    group = head // (model.config.num_attention_heads // model.config.num_key_value_heads)
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.randn(model.config.hidden_size, d, generator=generator, dtype=torch.float64)
+    rows = torch.linalg.qr(basis)[0].T  # [D, H], orthonormal rows
+    attn.v_proj.weight[group * d : (group + 1) * d] = rows.to(attn.v_proj.weight.dtype)
+    attn.o_proj.weight[:, head * d : (head + 1) * d] = (gain * rows.T).to(attn.o_proj.weight.dtype)
+
+
 def materialize_preset(
     name: str,
     corpus: Callable[[], Iterable[str]],
@@ -324,6 +351,7 @@ def materialize_preset(
             torch.manual_seed(seed)
             model = Qwen2ForCausalLM(config)
         init_previous_token_head(model)
+        init_copy_head(model)
         model.generation_config = GenerationConfig(
             bos_token_id=config.bos_token_id,
             eos_token_id=config.eos_token_id,

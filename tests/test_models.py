@@ -286,3 +286,21 @@ def test_first_layer_starts_with_a_previous_token_head(tiny_dir):
     assert to_previous.mean() > 0.8
     other = model(input_ids=x, output_attentions=True).attentions[0][0, 1]
     assert torch.stack([other[i, i - 1] for i in range(1, 48)]).mean() < 0.5
+
+
+def test_last_layer_starts_with_a_copying_head(tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, local_files_only=True)
+    attn = model.model.layers[-1].self_attn
+    d, heads = attn.head_dim, model.config.num_attention_heads
+    group = (heads - 1) // (heads // model.config.num_key_value_heads)
+    with torch.no_grad():
+        ov = attn.o_proj.weight[:, (heads - 1) * d :] @ attn.v_proj.weight[group * d : (group + 1) * d]
+        emb = model.get_input_embeddings().weight  # [V, H], tied with the LM head
+        scores = emb @ ov @ emb.T  # [V, V]: logit of token i when the head attends to token j
+    copies = (scores.argmax(0) == torch.arange(emb.shape[0])).float().mean()
+    assert copies > 0.9
+    # The other heads of that layer are random: they do not copy.
+    with torch.no_grad():
+        other = attn.o_proj.weight[:, :d] @ attn.v_proj.weight[:d]
+        rand = ((emb @ other @ emb.T).argmax(0) == torch.arange(emb.shape[0])).float().mean()
+    assert rand < 0.2
