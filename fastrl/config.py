@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+ATTENTIONS = ("auto", "fastrl_packed", "sdpa", "eager")
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown, has the wrong type or an impossible value."""
@@ -53,6 +55,11 @@ class ModelConfig:
     init_seed: int = 0
     # Recompute activations in the backward pass to save memory.
     gradient_checkpointing: bool = False
+    # Attention implementation: auto (fastrl_packed when optim.packing, else sdpa) | fastrl_packed
+    # (varlen attention over packed micro-batches: flash-attn, torch varlen or per-sequence SDPA,
+    # chosen at start and logged) | sdpa | eager (transformers' own; packed micro-batches then use
+    # a block-diagonal mask).
+    attention: str = "auto"
     # Where built presets (tokenizer + random-init weights) are cached.
     cache_dir: str = ".cache/fastrl/models"
 
@@ -157,8 +164,11 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     # Gradient-norm clip; 0 disables it.
     grad_clip: float = 1.0
-    # Token budget of one micro-batch (padded tokens); bounds activation memory.
-    micro_batch_tokens: int = 4096
+    # Run each training micro-batch padding-free, its sequences packed into one.
+    packing: bool = True
+    # Token budget of one micro-batch (real tokens when packing, rows x longest otherwise); bounds
+    # activation memory. Packed micro-batches are filled first-fit decreasing.
+    max_tokens_per_microbatch: int = 4096
 
 
 @dataclass
@@ -213,6 +223,7 @@ class Config:
         checks: list[tuple[str, bool, str]] = [
             ("model.dtype", self.model.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
             ("model.vocab_size", self.model.vocab_size >= 300, ">= 300"),
+            ("model.attention", self.model.attention in ATTENTIONS, f"one of {ATTENTIONS}"),
             ("env.name", self.env.name in ENVS, f"one of {sorted(ENVS)}"),
             ("env.train_tasks", self.env.train_tasks >= 1, ">= 1"),
             ("env.eval_tasks", self.env.eval_tasks >= 1, ">= 1"),
@@ -259,7 +270,11 @@ class Config:
                 "two values in [0, 1)",
             ),
             ("optim.grad_clip", self.optim.grad_clip >= 0, ">= 0"),
-            ("optim.micro_batch_tokens", self.optim.micro_batch_tokens >= 16, ">= 16"),
+            (
+                "optim.max_tokens_per_microbatch",
+                self.optim.max_tokens_per_microbatch >= 16,
+                ">= 16",
+            ),
             ("eval.splits", all(s in splits for s in self.eval.splits), f"a list from {splits}"),
             ("eval.every", self.eval.every >= 0, ">= 0"),
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),

@@ -8,6 +8,7 @@ from fastrl.config import load_config
 from fastrl.rollout.engines import ScriptedEngine
 from fastrl.rollout.loop import Limits
 from fastrl.rollout.types import Trajectory
+from fastrl.train import packing
 from fastrl.train import trainer as T
 
 
@@ -172,11 +173,17 @@ def test_policy_update_triton_backend_matches_torch(tiny_policy, world, monkeypa
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["fastrl_packed", "sdpa", "eager"])
 def test_packed_logprobs_equal_one_by_one(tiny_policy, world, attention):
-    """A packed micro-batch gives each sequence the logprobs it gets when run alone."""
+    """A packed micro-batch gives each sequence the logprobs it gets when run alone.
+
+    Every attention path available here: the varlen implementation (per-sequence SDPA on CPU),
+    and transformers' sdpa and eager with a block-diagonal mask.
+    """
     model0, tok, _ = tiny_policy
     model = copy.deepcopy(model0).eval()
+    if attention == packing.ATTN_IMPLEMENTATION:
+        packing.register()
     model.config._attn_implementation = attention
     trajs = T.expert_trajectories(tok, world, world.tasks("test", 5), Limits(max_total_tokens=4096))
     assert len({t.num_tokens for t in trajs}) > 1  # different lengths: real padding in the batch

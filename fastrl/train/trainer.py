@@ -18,7 +18,6 @@ group-normalised advantages, and update the policy with the clipped loss on the 
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import logging
 import math
@@ -47,15 +46,41 @@ from fastrl.rollout.engines import HFEngine, ScriptedEngine
 from fastrl.rollout.loop import Limits, run_episodes
 from fastrl.rollout.types import Trajectory
 from fastrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastrl.train.packing import ATTN_IMPLEMENTATION, choose_kernel, first_fit_decreasing, no_mask
+from fastrl.train.packing import register as register_packed_attention
 
 log = logging.getLogger("fastrl.train")
 CONTROL_KEYS = ("open_json", "im_end", "tool_call")
 
 
 # --------------------------------------------------------------------------- set-up
+def attention_of(cfg: Config) -> str:
+    """The attention implementation `cfg.model.attention` resolves to."""
+    if cfg.model.attention == "auto":
+        return ATTN_IMPLEMENTATION if cfg.optim.packing else "sdpa"
+    return cfg.model.attention
+
+
+def describe_forward(cfg: Config, model: torch.nn.Module) -> str:
+    """How training micro-batches are formed and attended (logged once at start)."""
+    attention = model.config._attn_implementation
+    budget = cfg.optim.max_tokens_per_microbatch
+    if not cfg.optim.packing:
+        return f"padded micro-batches of <= {budget} padded tokens, {attention} attention"
+    device = next(model.parameters()).device
+    if attention == ATTN_IMPLEMENTATION:
+        how = f"{attention} attention, kernel {choose_kernel(device.type)}"
+    else:
+        how = f"{attention} attention with a block-diagonal mask"
+    return f"packed micro-batches of <= {budget} tokens (first-fit decreasing), {how}"
+
+
 def build_policy(cfg: Config):
     """Model, tokenizer and model directory for `cfg.model` (presets get a tool-world tokenizer)."""
     world = get_world(cfg.env.name)
+    attention = attention_of(cfg)
+    if attention == ATTN_IMPLEMENTATION:
+        register_packed_attention()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
     return load_model(
         cfg.model.name,
@@ -65,6 +90,7 @@ def build_policy(cfg: Config):
         vocab_size=cfg.model.vocab_size,
         seed=cfg.model.init_seed,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
+        attn_implementation=attention,
     )
 
 
@@ -140,8 +166,17 @@ def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
     return Batch(input_ids, attention_mask, target_mask, labels, engine_lp)
 
 
-def micro_batches(trajs: list[Trajectory], token_budget: int) -> list[list[Trajectory]]:
-    """Group trajectories (sorted by length) so each padded micro-batch fits the token budget."""
+def micro_batches(
+    trajs: list[Trajectory], token_budget: int, packed: bool = False
+) -> list[list[Trajectory]]:
+    """Group trajectories into micro-batches that fit the token budget.
+
+    Packed: first-fit decreasing on real token counts (`packing.first_fit_decreasing`). Padded:
+    sorted by length, so each micro-batch's rows x longest fits.
+    """
+    if packed:
+        bins = first_fit_decreasing([t.num_tokens for t in trajs], token_budget)
+        return [[trajs[i] for i in b] for b in bins]
     ordered = sorted(trajs, key=lambda t: t.num_tokens)
     groups: list[list[Trajectory]] = []
     current: list[Trajectory] = []
@@ -165,21 +200,30 @@ def token_stats(
     """Per-target-token logprob/entropy (and control-token probs) as [B, T] tensors.
 
     With `packed`, the micro-batch runs padding-free: its real tokens are packed into one sequence
-    with per-sequence position ids, and attention stays inside each sequence (transformers builds
-    the block-diagonal mask from the position ids when no attention mask and no cache are given).
-    Off by default: with a dense block-diagonal mask, SDPA on CPU attends over all N² pairs and
-    the demo ran slower packed (7.3 min) than padded (5.9 min); a varlen attention path comes
-    first. Only the trained positions go through the LM head, via the fused op, so the full
-    [B, T, V] logits are never formed.
+    with per-sequence position ids, and attention stays inside each sequence. Under the
+    `fastrl_packed` attention the segment boundaries go to a varlen kernel and no mask is built;
+    under another implementation (sdpa, eager) transformers builds a block-diagonal mask from the
+    position ids (no attention mask and no cache given), which costs N^2 over the packed length.
+    Only the trained positions go through the LM head, via the fused op, so the full [B, T, V]
+    logits are never formed.
     """
     base = getattr(model, model.base_model_prefix)
     mask = batch.target_mask  # [B, T]
     if packed:
-        _log_attention_choice(model)
         ids, cu_seqlens = pack(batch.input_ids, batch.attention_mask)  # [N], [B + 1]
         positions = position_ids(cu_seqlens, ids.shape[0])  # [N]
+        kwargs = {}
+        if model.config._attn_implementation == ATTN_IMPLEMENTATION:
+            longest = int(batch.attention_mask.sum(1).max())  # host tensor: no device sync
+            kwargs = dict(
+                attention_mask=no_mask(model),
+                cu_seq_lens_q=cu_seqlens,
+                cu_seq_lens_k=cu_seqlens,
+                max_length_q=longest,
+                max_length_k=longest,
+            )
         hidden = base(
-            input_ids=ids[None], position_ids=positions[None], use_cache=False
+            input_ids=ids[None], position_ids=positions[None], use_cache=False, **kwargs
         ).last_hidden_state[0]  # [N, H]
         targets, _ = pack(mask, batch.attention_mask)  # [N] bool, row-major target positions
         hidden = hidden[targets]  # [M, H]
@@ -201,18 +245,6 @@ def token_stats(
         mask, stats.entropy
     )  # [B, T]
     return logp, entropy, stats.control_probs
-
-
-@functools.cache
-def _attention_choice(implementation: str) -> str:
-    choice = f"packed sequences, {implementation} attention with a block-diagonal mask"
-    log.info("training forward: %s", choice)
-    return choice
-
-
-def _log_attention_choice(model: torch.nn.Module) -> None:
-    """Log once per attention implementation how packed micro-batches are attended."""
-    _attention_choice(str(model.config._attn_implementation))
 
 
 def probe_rows(batch: Batch, tool_call_id: int, newline_id: int) -> torch.Tensor:
@@ -303,6 +335,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     world = get_world(cfg.env.name)
     model, tokenizer, model_dir = build_policy(cfg)
     model.train()
+    log.info("training forward: %s", describe_forward(cfg, model))
     pad_id = tokenizer.pad_token_id
     limits = limits_of(cfg)
     engine = HFEngine(model, pad_id, max_batch=cfg.rollout.batch_size)
@@ -446,9 +479,9 @@ def sft_phase(
             group["lr"] = lr
         n_tokens = sum(sum(t.loss_mask) for t in trajs)
         total_loss = 0.0
-        for group in micro_batches(trajs, cfg.optim.micro_batch_tokens):
+        for group in micro_batches(trajs, cfg.optim.max_tokens_per_microbatch, cfg.optim.packing):
             batch = collate(group, pad_id)
-            logp, _, _ = token_stats(model, batch)
+            logp, _, _ = token_stats(model, batch, packed=cfg.optim.packing)
             if cfg.sft.loss_agg == "token-mean":
                 weight = batch.target_mask.sum().item() / max(1, n_tokens)
             else:
@@ -641,6 +674,7 @@ def policy_update(
     `sampled` (a superset of `trajs`) is measured instead when no trajectory carries a signal.
     """
     rl = cfg.rl
+    budget, packing = cfg.optim.max_tokens_per_microbatch, cfg.optim.packing
     uses_all_tokens = rl.kl_coef > 0 or rl.entropy_coef > 0
     lr = rl.lr * lr_factor(phase_step, rl.steps, rl.warmup_steps, rl.schedule)
     for group in optimizer.param_groups:
@@ -650,8 +684,8 @@ def policy_update(
     old: dict[int, torch.Tensor] = {}
     if rl.updates_per_step > 1:
         with torch.no_grad():
-            for group in micro_batches(trajs, cfg.optim.micro_batch_tokens):
-                logp, _, _ = token_stats(model, collate(group, pad_id), temperature)
+            for group in micro_batches(trajs, budget, packing):
+                logp, _, _ = token_stats(model, collate(group, pad_id), temperature, packed=packing)
                 for t, lp in zip(group, logp):
                     old[id(t)] = lp[: t.num_tokens]  # [T_t] without this batch's padding
     sums: dict[str, float] = {}
@@ -668,10 +702,10 @@ def policy_update(
         active = [t for t in mini if any(t.loss_mask) and (uses_all_tokens or t.info["advantage"])]
         if not active or n_tokens == 0:
             continue
-        for group in micro_batches(active, cfg.optim.micro_batch_tokens):
+        for group in micro_batches(active, budget, packing):
             batch = collate(group, pad_id)
             mask = batch.target_mask.float()  # [B, T]
-            logp, entropy, ctrl_probs = token_stats(model, batch, temperature, control_ids)
+            logp, entropy, ctrl_probs = token_stats(model, batch, temperature, control_ids, packing)
             old_lp = (
                 torch.nn.utils.rnn.pad_sequence([old[id(t)] for t in group], batch_first=True)
                 if old
@@ -680,7 +714,7 @@ def policy_update(
             ref_lp = None
             if ref_model is not None:
                 with torch.no_grad():
-                    ref_lp, _, _ = token_stats(ref_model, batch, temperature)
+                    ref_lp, _, _ = token_stats(ref_model, batch, temperature, packed=packing)
             adv = torch.tensor([t.info["advantage"] for t in group], dtype=torch.float32)  # [B]
             loss, stats = loss_fn(
                 logp,
@@ -714,11 +748,12 @@ def policy_update(
         # No trajectory carried a learning signal (every group agreed): no update, but the
         # policy's token metrics are still measured.
         with torch.no_grad():
-            for group in micro_batches(
-                [t for t in sampled if any(t.loss_mask)], cfg.optim.micro_batch_tokens
-            ):
+            signal = [t for t in sampled if any(t.loss_mask)]
+            for group in micro_batches(signal, budget, packing):
                 batch = collate(group, pad_id)
-                logp, entropy, ctrl_probs = token_stats(model, batch, temperature, control_ids)
+                logp, entropy, ctrl_probs = token_stats(
+                    model, batch, temperature, control_ids, packing
+                )
                 token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id)
         sums.update(loss=0.0, clip_frac=0.0, kl=0.0, ratio_mean=1.0)
         counts.update(loss=1.0, clip_frac=1.0, kl=1.0, ratio_mean=1.0)
