@@ -60,6 +60,9 @@ class ModelConfig:
     # chosen at start and logged) | sdpa | eager (transformers' own; packed micro-batches then use
     # a block-diagonal mask).
     attention: str = "auto"
+    # Apply liger-kernel's Triton kernels (RMSNorm, SwiGLU, RoPE) to the model's layers; CUDA only
+    # (a CPU run refuses it at start). The LM head stays fastrl's fused logprob op.
+    liger: bool = False
     # Where built presets (tokenizer + random-init weights) are cached.
     cache_dir: str = ".cache/fastrl/models"
 

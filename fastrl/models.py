@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -35,6 +36,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "CHAT_TEMPLATE",
     "OPEN_JSON",
@@ -42,6 +45,7 @@ __all__ = [
     "PRESET_FORMAT_VERSION",
     "SPECIAL_TOKENS",
     "ModelPreset",
+    "apply_liger",
     "build_tokenizer",
     "control_token_ids",
     "count_parameters",
@@ -426,6 +430,52 @@ def load_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model, tokenizer, model_dir
+
+
+LIGER_PATCHES = ("rope", "rms_norm", "swiglu")
+
+
+def apply_liger(
+    model: PreTrainedModel, *, patches: Iterable[str] = LIGER_PATCHES, allow_cpu: bool = False
+) -> list[str]:
+    """Swap in liger-kernel's RoPE, RMSNorm and SwiGLU MLP kernels; returns what was patched.
+
+    Liger's cross-entropy and fused-linear-cross-entropy are left off: training never calls the
+    model's own LM head (fastrl's fused logprob op reads the hidden states), and generation keeps
+    the plain head. The kernels are Triton: on CPU tensors they run only under
+    `TRITON_INTERPRET=1`, so CPU use is refused unless `allow_cpu` (tests). Liger patches the
+    architecture's module functions (RoPE) for every model of that type in the process.
+    """
+    device = next(model.parameters()).device
+    if device.type != "cuda" and not allow_cpu:
+        raise ValueError(
+            "model.liger: liger-kernel's kernels are Triton GPU kernels and this model is on "
+            f"{device.type}; set model.liger=false (or train on a CUDA device)"
+        )
+    try:
+        from liger_kernel.transformers.monkey_patch import (
+            MODEL_TYPE_TO_APPLY_LIGER_FN,
+            _apply_liger_kernel_to_instance,
+        )
+    except ImportError as e:
+        raise ImportError(
+            "model.liger needs liger-kernel: pip install 'liger-kernel' (or set model.liger=false)"
+        ) from e
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ValueError(
+            f"model.liger: liger-kernel has no kernels for model type {model_type!r}; "
+            "set model.liger=false"
+        )
+    patched = [name for name in LIGER_PATCHES if name in set(patches)]
+    _apply_liger_kernel_to_instance(
+        model,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+        **{name: name in patched for name in LIGER_PATCHES},
+    )
+    log.info("liger-kernel patches on %s (%s): %s", model_type, device.type, ", ".join(patched))
+    return patched
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:

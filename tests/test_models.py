@@ -294,7 +294,8 @@ def test_last_layer_starts_with_a_copying_head(tiny_dir):
     d, heads = attn.head_dim, model.config.num_attention_heads
     group = (heads - 1) // (heads // model.config.num_key_value_heads)
     with torch.no_grad():
-        ov = attn.o_proj.weight[:, (heads - 1) * d :] @ attn.v_proj.weight[group * d : (group + 1) * d]
+        values = attn.v_proj.weight[group * d : (group + 1) * d]  # [D, H]
+        ov = attn.o_proj.weight[:, (heads - 1) * d :] @ values  # [H, H]
         emb = model.get_input_embeddings().weight  # [V, H], tied with the LM head
         scores = emb @ ov @ emb.T  # [V, V]: logit of token i when the head attends to token j
     copies = (scores.argmax(0) == torch.arange(emb.shape[0])).float().mean()

@@ -36,10 +36,10 @@ from safetensors.torch import save_model as save_model_weights
 
 from fastrl.algo.advantages import group_advantages, zero_variance_groups
 from fastrl.algo.losses import get_policy_loss, sft_loss
-from fastrl.config import Config, save_config
+from fastrl.config import Config, ConfigError, save_config
 from fastrl.envs import get_world
 from fastrl.envs.base import Task
-from fastrl.models import control_token_ids, load_model
+from fastrl.models import apply_liger, control_token_ids, load_model
 from fastrl.monitor.log import MetricLogger
 from fastrl.ops import fused_linear_token_logprobs, pack, position_ids
 from fastrl.rollout.engines import HFEngine, ScriptedEngine
@@ -334,6 +334,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
 
     world = get_world(cfg.env.name)
     model, tokenizer, model_dir = build_policy(cfg)
+    if cfg.model.liger:
+        try:
+            apply_liger(model)
+        except (ImportError, ValueError) as e:
+            raise ConfigError(str(e)) from e
     model.train()
     log.info("training forward: %s", describe_forward(cfg, model))
     pad_id = tokenizer.pad_token_id
