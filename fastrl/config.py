@@ -102,15 +102,15 @@ class RolloutConfig:
 @dataclass
 class SFTConfig:
     # Optimizer steps of the SFT phase on expert trajectories (0 skips it).
-    steps: int = 400
+    steps: int = 600
     # Expert trajectories per optimizer step.
     batch_size: int = 8
     # Peak learning rate.
-    lr: float = 1e-3
+    lr: float = 5e-4
     # Fraction of the steps spent in linear warm-up.
     warmup_ratio: float = 0.05
     # Learning-rate schedule after warm-up: constant | cosine | linear.
-    schedule: str = "cosine"
+    schedule: str = "constant"
     # Aggregation of the SFT token loss: token-mean | seq-mean-token-mean.
     loss_agg: str = "token-mean"
 
@@ -124,7 +124,7 @@ class RLConfig:
     # Rollouts per task (the GRPO group).
     group_size: int = 8
     # Peak learning rate.
-    lr: float = 1e-4
+    lr: float = 3e-5
     # Linear warm-up steps.
     warmup_steps: int = 2
     # Learning-rate schedule after warm-up: constant | cosine | linear.
@@ -137,7 +137,7 @@ class RLConfig:
     loss: str = "ppo"
     # Loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum |
     # seq-mean-token-sum-norm.
-    loss_agg: str = "token-mean"
+    loss_agg: str = "seq-mean-token-mean"
     # Lower clip range of the ratio (1 - clip_low).
     clip_low: float = 0.2
     # Upper clip range of the ratio (1 + clip_high); > clip_low is DAPO's clip-higher.

@@ -55,7 +55,7 @@ __all__ = [
 
 # Bump when anything that changes a materialised preset changes (tokenizer recipe, template,
 # config fields, init), so stale cache directories are never reused.
-PRESET_FORMAT_VERSION = 6
+PRESET_FORMAT_VERSION = 7
 
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
@@ -299,13 +299,17 @@ def init_copy_head(model: Qwen2ForCausalLM, gain: float = COPY_HEAD_GAIN, seed: 
     group is set to D orthonormal rows R and the head's output columns to `gain` R^T, so its
     output for an attended token t is `gain` * P e_t, whose logit is highest for t itself. The
     attention pattern is left random, and training may keep or undo the circuit.
+
+    Leaving the plateau is still stochastic: with this basis (seed 1, fp32 normal draws) the demo's
+    SFT reached loss 0.27-0.30 by step 400; with a basis drawn in float64 from the same seed it was
+    still at 0.46-0.60 (gain 4 and 8).
     """
     attn = model.model.layers[-1].self_attn
     d = attn.head_dim
     head = model.config.num_attention_heads - 1
     group = head // (model.config.num_attention_heads // model.config.num_key_value_heads)
     generator = torch.Generator().manual_seed(seed)
-    basis = torch.randn(model.config.hidden_size, d, generator=generator, dtype=torch.float64)
+    basis = torch.randn(model.config.hidden_size, d, generator=generator)  # [H, D] fp32
     rows = torch.linalg.qr(basis)[0].T  # [D, H], orthonormal rows
     attn.v_proj.weight[group * d : (group + 1) * d] = rows.to(attn.v_proj.weight.dtype)
     attn.o_proj.weight[:, head * d : (head + 1) * d] = (gain * rows.T).to(attn.o_proj.weight.dtype)
