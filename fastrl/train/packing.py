@@ -213,12 +213,12 @@ def packed_attention(
             scale=scaling, window_size=(-1, 0), enable_gqa=k.shape[1] != q.shape[1],
         )  # fmt: skip
     else:
-        out = _sdpa_segments(query, key, value, cu_seq_lens_q, scaling)
+        out = _sdpa_segments(query, key, value, cu_seq_lens_q, scaling, dropout)
         return out, None
     return out[None], None
 
 
-def _sdpa_segments(query, key, value, cu_seqlens, scaling) -> torch.Tensor:
+def _sdpa_segments(query, key, value, cu_seqlens, scaling, dropout=0.0) -> torch.Tensor:
     """Causal SDPA over each segment of the packed row; [1, N, Hq, D]."""
     gqa = key.shape[1] != query.shape[1]
     bounds = cu_seqlens.tolist()  # one host read per layer: segment slicing needs the numbers
@@ -230,7 +230,8 @@ def _sdpa_segments(query, key, value, cu_seqlens, scaling) -> torch.Tensor:
             is_causal=True,
             scale=scaling,
             enable_gqa=gqa,
-        )  # fmt: skip
+            dropout_p=dropout,
+        )
         for s, e in zip(bounds[:-1], bounds[1:])
         if e > s
     ]
