@@ -157,6 +157,10 @@ class RLConfig:
     max_refill_rounds: int = 2
     # Exclude trajectories cut by a length or turn limit from the loss (DAPO overlong filtering).
     mask_truncated: bool = True
+    # Scale of negative advantages (1 is plain GRPO; 0 trains on better-than-average samples only).
+    # Failed multi-turn samples are long and full of low-probability tokens, so at full weight
+    # their push-down can dominate the update and drag down the tokens successes share with them.
+    negative_weight: float = 1.0
 
 
 @dataclass
@@ -250,6 +254,7 @@ class Config:
             ("rl.lr", self.rl.lr > 0, "> 0"),
             ("rl.warmup_steps", self.rl.warmup_steps >= 0, ">= 0"),
             ("rl.schedule", self.rl.schedule in schedules, f"one of {schedules}"),
+            ("rl.negative_weight", 0 <= self.rl.negative_weight <= 1, "in [0, 1]"),
             ("rl.updates_per_step", self.rl.updates_per_step >= 1, ">= 1"),
             ("rl.advantage", self.rl.advantage in ESTIMATORS, f"one of {sorted(ESTIMATORS)}"),
             ("rl.loss", self.rl.loss in POLICY_LOSSES, f"one of {sorted(POLICY_LOSSES)}"),

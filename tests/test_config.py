@@ -35,6 +35,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
         ("rl.loss_agg=mean", "rl.loss_agg"),
         ("rl.advantage=ppo", "rl.advantage"),
         ("rl.loss=nope", "rl.loss"),
+        ("rl.negative_weight=1.5", "rl.negative_weight"),
         ("env.name=nope", "env.name"),
         ("eval.splits=[test, nope]", "eval.splits"),
         ("rollout.top_p=0", "rollout.top_p"),

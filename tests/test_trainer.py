@@ -201,3 +201,40 @@ def test_packed_logprobs_equal_one_by_one(tiny_policy, world, attention):
             torch.testing.assert_close(
                 alone[0][one.target_mask[0]], ref[one.target_mask[0]], rtol=1e-5, atol=1e-5
             )
+
+
+def test_negative_weight_scales_only_negative_advantages():
+    trajs = [Trajectory(str(i), i // 4, [1], [2], [1], [0.0]) for i in range(8)]
+    for t, r in zip(trajs, [1, 0, 0, 0, 1, 1, 0, 1]):
+        t.reward = float(r)
+    T.assign_advantages(trajs, "grpo", 1.0)
+    full = [t.info["advantage"] for t in trajs]
+    assert sum(full[:4]) == pytest.approx(0, abs=1e-5) and full[0] > 0 > full[1]
+    T.assign_advantages(trajs, "grpo", 0.25)
+    scaled = [t.info["advantage"] for t in trajs]
+    for a, b in zip(full, scaled):
+        assert b == pytest.approx(a if a > 0 else 0.25 * a)
+
+
+def test_negative_weight_zero_trains_on_better_than_average_samples_only(tiny_policy, world):
+    """With rl.negative_weight=0 the update on a mixed group equals the update on its positive
+    members alone, so failed samples cannot push down the tokens they share with successes."""
+    model, tok, _ = tiny_policy
+    cfg = load_config(None, ["rl.negative_weight=0"])
+    trajs = T.expert_trajectories(tok, world, world.tasks("train", 4), Limits(max_total_tokens=4096))
+    for i, t in enumerate(trajs):
+        t.group_id, t.reward = 0, float(i % 2)
+    T.assign_advantages(trajs, "grpo", cfg.rl.negative_weight)
+    assert [t.info["advantage"] > 0 for t in trajs] == [False, True, False, True]
+
+    def update(batch):
+        m = copy.deepcopy(model).train()
+        opt = T.make_optimizer(m, cfg, 1e-3)
+        args = (get_policy_loss("ppo"), batch, batch, tok.pad_token_id, 1.0, None, None, 0)
+        T.policy_update(cfg, m, None, opt, *args)
+        return [p.detach() for p in m.parameters()]
+
+    both, positives = update(trajs), update([t for t in trajs if t.info["advantage"] > 0])
+    for a, b in zip(both, positives):
+        torch.testing.assert_close(a, b)
+    assert any(not torch.equal(a, p) for a, p in zip(both, model.parameters()))

@@ -621,11 +621,7 @@ def rl_phase(
         row["rollout/turns"] = float(np.mean([len(t.turn_spans) for t in sampled]))
         row["rollout/kept"] = len(trajs) / max(1, len(sampled))
         if trajs:
-            rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
-            gids = torch.tensor([t.group_id for t in trajs])
-            adv = group_advantages(rewards, gids, estimator=cfg.rl.advantage)  # [N]
-            for t, a in zip(trajs, adv.tolist()):
-                t.info["advantage"] = a
+            assign_advantages(trajs, cfg.rl.advantage, cfg.rl.negative_weight)
             trained = [t for t in trajs if not (cfg.rl.mask_truncated and t.truncated)]
             row["rollout/masked_truncated"] = 1 - len(trained) / len(trajs)
             stats = policy_update(
@@ -658,6 +654,17 @@ def rl_phase(
         logger.log(row)
         if cfg.checkpoint_every and state["phase_step"] % cfg.checkpoint_every == 0:
             checkpoint(optimizer)
+
+
+def assign_advantages(trajs: list[Trajectory], estimator: str, negative_weight: float) -> None:
+    """Group-relative advantages into `t.info["advantage"]`, negative ones scaled by
+    `negative_weight` (a zero advantage leaves the trajectory out of the update)."""
+    rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)  # [N]
+    gids = torch.tensor([t.group_id for t in trajs])  # [N]
+    adv = group_advantages(rewards, gids, estimator=estimator)  # [N]
+    adv = torch.where(adv < 0, adv * negative_weight, adv)  # [N]
+    for t, a in zip(trajs, adv.tolist()):
+        t.info["advantage"] = a
 
 
 def policy_update(
@@ -778,11 +785,12 @@ def token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id
     add("entropy", (entropy.detach() * mask).sum().item() / n, n)
     diff = ((logp.detach() - batch.engine_logprobs).abs() * mask).sum().item()
     add("rollout/logprob_diff_mean", diff / n, n)
-    if ctrl_probs is not None:
-        # Mean over every trained token (ctrl_probs rows are the target positions, in order).
-        for k, key in enumerate(CONTROL_KEYS):
-            add(f"ctrl/mean_p_{key}", ctrl_probs[:, k].mean().item(), n)
+    if ctrl_probs is None:
+        return
+    # Mean over every trained token (ctrl_probs rows are the target positions, in order).
+    for k, key in enumerate(CONTROL_KEYS):
+        add(f"ctrl/mean_p_{key}", ctrl_probs[:, k].mean().item(), n)
     probe = probe_rows(batch, control_ids[2], newline_id)
-    if ctrl_probs is not None and probe.any():
+    if probe.any():
         for k, key in enumerate(CONTROL_KEYS):
             add(f"ctrl/p_{key}", ctrl_probs[probe, k].mean().item(), probe.sum().item())
