@@ -7,8 +7,10 @@ Part 1, `pack` and `unpack` of a (B, T, H) bf16 (CUDA) / fp32 (CPU) tensor with 
 whose row lengths are uniform in [1, T] (about 50% padding). Providers in the same run: `bool-index`
 (torch boolean indexing, `x[mask]` / `out[mask] = packed`), `gather` (the flash-attn-style
 nonzero + index_select of `fastrl.ops.reference`) and `ext` (the C++/CUDA extension). Bytes moved:
-the kept rows read and written once, plus the mask; reported against the copy bandwidth measured
-in the same run.
+pack reads and writes the kept rows, unpack reads them and writes the whole padded output (zeros
+included), plus the mask; reported against the copy bandwidth measured in the same run.
+`zeros-only` (allocating and zeroing the padded output, nothing else) is the floor of any unpack
+that returns a fresh tensor; on CPU, first-touch page faults of that fresh memory dominate.
 
 Part 2, one forward+backward of a random-init Qwen2-shaped model (the `tiny` preset's shape on
 CPU, a 0.5B-like shape on CUDA) over the same length spread, through `token_stats` + a token-mean
@@ -47,15 +49,23 @@ def bench_pack(args, device, ceil) -> list[dict]:
     mask = lengths_mask(args.b, args.t, device, gen)
     kept = int(mask.sum())
     packed, cu = reference.pack(x, mask)
-    nbytes = 2 * kept * args.h * x.element_size() + mask.numel()
+    row = args.h * x.element_size()
+    # pack reads and writes the kept rows; unpack reads them and writes the whole padded output.
+    op_bytes = {"pack": 2 * kept * row, "unpack": kept * row + x.numel() * x.element_size()}
     widths = [8, 11, 9, 8, 9, 11]
     print(f"pack/unpack: B={args.b} T={args.t} H={args.h} {dtype}, {kept} kept rows")
     print(fmt_row(["op", "impl", "ms", "GB/s", "of copy", "vs bool-ix"], widths))
     rows = []
     for op in ("pack", "unpack"):
         base = None
-        for impl, mod in (("bool-index", None), ("gather", reference), ("ext", _ext)):
-            if mod is None and op == "pack":
+        nbytes = op_bytes[op] + mask.numel()
+        impls = [("bool-index", None), ("gather", reference), ("ext", _ext)]
+        if op == "unpack":  # the floor of any unpack that returns a fresh tensor
+            impls.append(("zeros-only", "zeros"))
+        for impl, mod in impls:
+            if mod == "zeros":
+                fn = lambda: torch.zeros_like(x)  # noqa: E731
+            elif mod is None and op == "pack":
                 fn = lambda: x[mask]  # noqa: E731
             elif mod is None:
                 fn = lambda: x.new_zeros(x.shape).index_put_((mask,), packed)  # noqa: E731

@@ -131,23 +131,21 @@ Tensor unpack_cpu(const Tensor& packed, const Tensor& cu_seqlens, const Tensor& 
   const bool* m_data = m.const_data_ptr<bool>();
   const std::vector<int64_t> cu = read_cu_seqlens(cu_seqlens);
   const Tensor pc = plain_contiguous(packed);  // [rows, ...]
-  Tensor out = at::empty(with_leading({B, T}, packed.sizes().slice(1)), packed.options());
+  // One zero fill (a single streaming pass over fresh pages), then only the set positions are
+  // copied; zeroing position by position interleaved with the copies was twice as slow.
+  Tensor out = at::zeros(with_leading({B, T}, packed.sizes().slice(1)), packed.options());
   const int64_t row_bytes = inner_numel(pc, 1) * static_cast<int64_t>(pc.element_size());
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0 || rows == 0) return out;
   const char* src = static_cast<const char*>(pc.const_data_ptr());
   char* dst = static_cast<char*>(out.mutable_data_ptr());
   at::parallel_for(0, B, grain_for(T * row_bytes), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t rank = 0;  // set positions before t in row b
       for (int64_t t = 0; t < T; ++t) {
-        char* o = dst + (b * T + t) * row_bytes;
-        if (m_data[b * T + t] && rows > 0) {
-          const int64_t index = std::clamp<int64_t>(cu[b] + rank, 0, rows - 1);
-          std::memcpy(o, src + index * row_bytes, row_bytes);
-        } else {
-          std::memset(o, 0, row_bytes);
-        }
-        rank += m_data[b * T + t];
+        if (!m_data[b * T + t]) continue;
+        const int64_t index = std::clamp<int64_t>(cu[b] + rank, 0, rows - 1);
+        std::memcpy(dst + (b * T + t) * row_bytes, src + index * row_bytes, row_bytes);
+        ++rank;
       }
     }
   });
