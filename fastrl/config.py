@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 ATTENTIONS = ("auto", "fastrl_packed", "sdpa", "eager")
+ENGINES = ("auto", "vllm", "hf")
 
 
 class ConfigError(ValueError):
@@ -81,8 +82,14 @@ class EnvConfig:
 
 @dataclass
 class RolloutConfig:
-    # Generation engine: hf (transformers generate on the training model).
-    engine: str = "hf"
+    # Generation engine: auto (vllm when it can be imported, else hf) | vllm (an in-process vLLM
+    # engine synced in place from the trainer after every step) | hf (KV-cached decoding on the
+    # training model itself).
+    engine: str = "auto"
+    # vLLM only: fraction of the GPU's memory vLLM may take (weights + KV cache); ignored on CPU.
+    gpu_memory_utilization: float = 0.3
+    # vLLM only: longest context the engine holds; 0 means max_total_tokens + max_turn_tokens.
+    max_model_len: int = 0
     # Maximum assistant turns per episode.
     max_turns: int = 8
     # Maximum tokens the policy may generate in one assistant turn.
@@ -234,7 +241,13 @@ class Config:
             ("env.name", self.env.name in ENVS, f"one of {sorted(ENVS)}"),
             ("env.train_tasks", self.env.train_tasks >= 1, ">= 1"),
             ("env.eval_tasks", self.env.eval_tasks >= 1, ">= 1"),
-            ("rollout.engine", self.rollout.engine in ("hf",), "hf"),
+            ("rollout.engine", self.rollout.engine in ENGINES, f"one of {ENGINES}"),
+            (
+                "rollout.gpu_memory_utilization",
+                0 < self.rollout.gpu_memory_utilization <= 1,
+                "in (0, 1]",
+            ),
+            ("rollout.max_model_len", self.rollout.max_model_len >= 0, ">= 0"),
             ("rollout.max_turns", self.rollout.max_turns >= 1, ">= 1"),
             ("rollout.max_turn_tokens", self.rollout.max_turn_tokens >= 1, ">= 1"),
             ("rollout.max_obs_tokens", self.rollout.max_obs_tokens >= 1, ">= 1"),

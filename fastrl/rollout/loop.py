@@ -118,6 +118,11 @@ def run_episodes(
         for i, out in zip(live, outputs):
             ep = episodes[i]
             traj = ep.traj
+            if out.error:  # the engine could not serve this context: end the episode, say why
+                traj.truncated = True
+                traj.info["status"] = "engine_error"
+                traj.info["error"] = out.error
+                continue
             ids = out.token_ids[: budget[i]]
             finished = out.finished and len(ids) == len(out.token_ids)
             start = len(traj.response_ids)
@@ -153,8 +158,7 @@ def run_episodes(
         reward, info = ep.env.score()
         ep.traj.reward = float(reward)
         ep.traj.success = bool(info.get("success", reward > 0))
-        ep.traj.info = dict(info)
-        ep.traj.info["truncated"] = ep.traj.truncated
+        ep.traj.info = {**info, **ep.traj.info, "truncated": ep.traj.truncated}
     return [ep.traj for ep in episodes]
 
 

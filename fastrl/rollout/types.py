@@ -23,6 +23,7 @@ class GenOutput:
     token_ids: list[int]
     logprobs: list[float]  # log p(token) under the sampling distribution at temperature 1/T scale
     finished: bool  # True when the stop token ended the turn, False when max_tokens cut it
+    error: str | None = None  # set when the engine could not serve the prompt (e.g. too long)
 
 
 class Engine(Protocol):

