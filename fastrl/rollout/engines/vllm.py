@@ -67,7 +67,9 @@ class VLLMEngine:
         # OpenMP threads (set by the user, these win).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        from vllm import LLM
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        with _repo_triton_kernels_hidden():
+            from vllm import LLM
 
         if not torch.cuda.is_available() or next(model.parameters()).device.type == "cpu":
             _keep_cpu_linear_weights()
@@ -83,22 +85,23 @@ class VLLMEngine:
         threads = torch.get_num_threads()
         t0 = time.time()
         try:
-            self.llm = LLM(
-                model=model_dir,
-                skip_tokenizer_init=True,  # prompts and outputs are token ids
-                dtype=dtype,
-                seed=seed,
-                max_model_len=max_model_len,
-                gpu_memory_utilization=gpu_memory_utilization,
-                enforce_eager=enforce_eager,
-                enable_prefix_caching=True,  # every turn resends the episode's whole context
-                # Whole prompts only: a partially prefilled request with its own seed crashes
-                # vLLM's CPU runner ("CPU Generator does not use offset").
-                enable_chunked_prefill=False,
-                max_num_batched_tokens=max(max_model_len, 16384),
-                enable_sleep_mode=self.on_cuda,
-                logprobs_mode="processed_logprobs",
-            )
+            with _repo_triton_kernels_hidden():
+                self.llm = LLM(
+                    model=model_dir,
+                    skip_tokenizer_init=True,  # prompts and outputs are token ids
+                    dtype=dtype,
+                    seed=seed,
+                    max_model_len=max_model_len,
+                    gpu_memory_utilization=gpu_memory_utilization,
+                    enforce_eager=enforce_eager,
+                    enable_prefix_caching=True,  # every turn resends the episode's whole context
+                    # Whole prompts only: a partially prefilled request with its own seed crashes
+                    # vLLM's CPU runner ("CPU Generator does not use offset").
+                    enable_chunked_prefill=False,
+                    max_num_batched_tokens=max(max_model_len, 16384),
+                    enable_sleep_mode=self.on_cuda,
+                    logprobs_mode="processed_logprobs",
+                )
         finally:
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(threads)
@@ -151,6 +154,8 @@ class VLLMEngine:
                     stop_token_ids=(
                         [sampling.stop_token_id] if sampling.stop_token_id is not None else None
                     ),
+                    # Like the HF engine: without a stop token only max_tokens ends a turn.
+                    ignore_eos=sampling.stop_token_id is None,
                     seed=None if greedy else self._seed(rid, i, len(ids)),
                     logprobs=0,  # the sampled token's own logprob
                     detokenize=False,
@@ -285,3 +290,34 @@ def _repack_cpu_linears(vmodel: torch.nn.Module) -> None:
         weight = getattr(module, "weight", None)
         if hasattr(module, "cpu_linear") and weight is not None and weight.ndim == 2:
             dispatch(module, remove_weight=False)
+
+
+@contextlib.contextmanager
+def _repo_triton_kernels_hidden() -> Iterator[None]:
+    """Keep a source checkout's top-level `triton_kernels/` folder (installed as
+    `fastrl.triton_kernels`) from posing as OpenAI's optional `triton_kernels` package while vLLM
+    probes for it: run from the repository root, the folder is importable under that name."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    ours = Path(__file__).resolve().parents[3] / "triton_kernels"
+    try:
+        spec = importlib.util.find_spec("triton_kernels")
+    except (ImportError, ValueError):
+        spec = None
+    origin = Path(spec.origin).resolve().parent if spec is not None and spec.origin else None
+    if origin != ours:
+        yield
+        return
+    removed = [(i, p) for i, p in enumerate(sys.path) if Path(p or ".").resolve() == ours.parent]
+    for i, _ in reversed(removed):
+        del sys.path[i]
+    cached = sys.modules.pop("triton_kernels", None)
+    try:
+        yield
+    finally:
+        for i, p in removed:
+            sys.path.insert(i, p)
+        if cached is not None:
+            sys.modules.setdefault("triton_kernels", cached)
