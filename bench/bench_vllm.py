@@ -1,6 +1,6 @@
 """Colocated vLLM: weight-sync time and generation throughput against the baselines of the same run.
 
-    python bench/bench_vllm.py                 # the tiny preset (vocab 2048), 64 prompts x 96 tokens
+    python bench/bench_vllm.py               # tiny preset (vocab 2048), 64 prompts x 96 tokens
     python bench/bench_vllm.py --model DIR     # any local HF causal-LM directory
 
 Part 1, weight sync: `VLLMEngine.sync_weights()` (every trainer tensor streamed into vLLM's fused
@@ -70,7 +70,9 @@ def main() -> None:
     widths = [26, 10, 10]
     print(fmt_row(["weight sync", "ms", "vs copy"], widths))
     print(fmt_row(["plain copy of the bytes", f"{copy_ms:.2f}", "1.00"], widths))
-    print(fmt_row(["VLLMEngine.sync_weights", f"{sync_ms:.2f}", f"{sync_ms / copy_ms:.2f}"], widths))
+    print(
+        fmt_row(["VLLMEngine.sync_weights", f"{sync_ms:.2f}", f"{sync_ms / copy_ms:.2f}"], widths)
+    )
     sync_row = {
         "bytes": nbytes, "copy_ms": round(copy_ms, 3), "sync_ms": round(sync_ms, 3),
         "sync_over_copy": round(sync_ms / copy_ms, 2),
@@ -105,7 +107,12 @@ def main() -> None:
                 "seconds": round(sec, 3), "tokens_per_s": round(tps), "vs_hf": round(tps / base, 2),
             }
         )  # fmt: skip
-    payload = {"model": args.model, "parameters": n_params, "sync": sync_row, "generation": gen_rows}
+    payload = {
+        "model": args.model,
+        "parameters": n_params,
+        "sync": sync_row,
+        "generation": gen_rows,
+    }
     print("results:", write_results("vllm", device, payload))
 
 

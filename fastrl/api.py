@@ -56,8 +56,8 @@ def evaluate(
     `out/summary.json` and `out/results.jsonl`. Returns the summary.
     """
     from fastrl.envs import get_world
-    from fastrl.rollout.engines import HFEngine, ScriptedEngine
-    from fastrl.train.trainer import build_policy, evaluate_policy, limits_of
+    from fastrl.rollout.engines import ScriptedEngine
+    from fastrl.train.trainer import build_engine, build_policy, evaluate_policy, limits_of
 
     cfg = _as_config(config, overrides)
     if env is not None:
@@ -67,10 +67,12 @@ def evaluate(
     cfg.validate()
     world = get_world(cfg.env.name)
     tasks = world.tasks(split, limit or cfg.env.eval_tasks, seed=cfg.env.seed)
-    net, tokenizer, _ = build_policy(cfg)
+    net, tokenizer, model_dir = build_policy(cfg)
     request_ids = None
-    if policy == "model":
-        engine = HFEngine(net, tokenizer.pad_token_id, max_batch=cfg.rollout.batch_size)
+    engine_used = "scripted"
+    if policy == "model":  # rollout.engine decides (vLLM when it imports, by default)
+        engine, engine_used = build_engine(cfg, net, model_dir, tokenizer.pad_token_id)
+        engine.sync_weights()  # the engine generates with exactly the weights loaded here
     elif policy == "oracle":
         engine = ScriptedEngine(
             tokenizer, {t.id: [m for turn in t.expert for m in turn] for t in tasks}
@@ -90,7 +92,9 @@ def evaluate(
         batch_size=cfg.rollout.batch_size,
         request_ids=request_ids,
     )
-    summary.update(split=split, env=cfg.env.name, policy=policy, model=cfg.model.name)
+    summary.update(
+        split=split, env=cfg.env.name, policy=policy, model=cfg.model.name, engine=engine_used
+    )
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

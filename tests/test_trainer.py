@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -221,7 +222,9 @@ def test_negative_weight_zero_trains_on_better_than_average_samples_only(tiny_po
     members alone, so failed samples cannot push down the tokens they share with successes."""
     model, tok, _ = tiny_policy
     cfg = load_config(None, ["rl.negative_weight=0"])
-    trajs = T.expert_trajectories(tok, world, world.tasks("train", 4), Limits(max_total_tokens=4096))
+    trajs = T.expert_trajectories(
+        tok, world, world.tasks("train", 4), Limits(max_total_tokens=4096)
+    )
     for i, t in enumerate(trajs):
         t.group_id, t.reward = 0, float(i % 2)
     T.assign_advantages(trajs, "grpo", cfg.rl.negative_weight)
@@ -238,3 +241,45 @@ def test_negative_weight_zero_trains_on_better_than_average_samples_only(tiny_po
     for a, b in zip(both, positives):
         torch.testing.assert_close(a, b)
     assert any(not torch.equal(a, p) for a, p in zip(both, model.parameters()))
+
+
+def test_truncated_importance_sampling_weights_tokens_by_the_capped_ratio(tiny_policy, world):
+    """rl.tis_cap: each sampled token's loss is weighted by min(p_trainer / p_engine, cap). With the
+    engine `gap` nats below the trainer on every token of a trajectory, the update equals a plain
+    one whose advantages are scaled by min(e^gap, cap) (different per trajectory, so Adam's scale
+    invariance cannot hide a wrong weight)."""
+    model, tok, _ = tiny_policy
+    trajs = T.expert_trajectories(
+        tok, world, world.tasks("train", 4), Limits(max_total_tokens=4096)
+    )
+    gaps = [1.0, 0.25, -0.5, 1.0]
+    for i, (t, gap) in enumerate(zip(trajs, gaps)):
+        t.group_id, t.info["advantage"] = 0, (1.0 if i % 2 else -0.5)
+        batch = T.collate([t], tok.pad_token_id)
+        with torch.no_grad():
+            lp, _, _ = T.token_stats(model, batch, packed=True)
+        p, n = len(t.prompt_ids), t.num_tokens
+        t.engine_logprobs = [
+            (v - gap) * m for v, m in zip(lp[0, p - 1 : n - 1].tolist(), t.loss_mask)
+        ]
+
+    def update(overrides, scales):
+        cfg = load_config(None, overrides)
+        m = copy.deepcopy(model).train()
+        opt = T.make_optimizer(m, cfg, 1e-3)
+        batch = [copy.deepcopy(t) for t in trajs]
+        for t, scale in zip(batch, scales):
+            t.info["advantage"] *= scale
+        stats = T.policy_update(cfg, m, None, opt, get_policy_loss("ppo"), batch, batch,
+                                tok.pad_token_id, 1.0, None, None, 0)  # fmt: skip
+        return [p.detach() for p in m.parameters()], stats
+
+    weighted, stats = update(["rl.tis_cap=2"], [1.0] * 4)
+    plain, _ = update([], [min(math.exp(g), 2.0) for g in gaps])
+    tokens = [sum(t.loss_mask) for t in trajs]
+    expected = sum(min(math.exp(g), 2.0) * k for g, k in zip(gaps, tokens)) / sum(tokens)
+    assert stats["rollout/tis_weight_mean"] == pytest.approx(expected, rel=1e-4)
+    for a, b in zip(weighted, plain):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    uncapped, _ = update(["rl.tis_cap=10"], [1.0] * 4)  # weights e, not 2, on two trajectories
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(uncapped, plain))

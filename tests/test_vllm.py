@@ -88,7 +88,9 @@ def test_greedy_equals_hf_after_a_sync(setup, world):
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert [o.finished for o in got] == [o.finished for o in want]
     for a, b in zip(got, want):
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0
+        )
 
 
 def test_logprob_gap_small_with_sync_and_large_without(setup, world):

@@ -768,6 +768,14 @@ def policy_update(
                 with torch.no_grad():
                     ref_lp, _, _ = token_stats(ref_model, batch, temperature, packed=packing)
             adv = torch.tensor([t.info["advantage"] for t in group], dtype=torch.float32)  # [B]
+            if rl.tis_cap is not None:
+                # Truncated IS: the engine sampled them, the trainer's old policy scores.
+                tis = (
+                    (old_lp.detach() - batch.engine_logprobs).exp().clamp(max=rl.tis_cap)
+                )  # [B, T]
+                adv = adv[:, None] * tis * mask  # [B, T]
+                n_mask = mask.sum().item()
+                add("rollout/tis_weight_mean", (tis * mask).sum().item() / max(1.0, n_mask), n_mask)
             loss, stats = loss_fn(
                 logp,
                 old_lp,
