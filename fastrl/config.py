@@ -236,7 +236,8 @@ class Config:
             "seq-mean-token-sum-norm",
         )
         schedules = ("constant", "cosine", "linear")
-        splits = ("train", "test", "format_ood", "content_ood")
+        world = ENVS.get(self.env.name)
+        splits = tuple(getattr(world, "splits", ("train", "test", "format_ood", "content_ood")))
         checks: list[tuple[str, bool, str]] = [
             ("model.dtype", self.model.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
             ("model.vocab_size", self.model.vocab_size >= 300, ">= 300"),

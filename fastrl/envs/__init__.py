@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from fastrl.envs.base import Env, Format, Parsed, Task, ToolCall, World
+from fastrl.envs.bfcl import BFCLWorld
 from fastrl.envs.formats import get_format
 from fastrl.envs.synthetic import SyntheticWorld
 
 ENVS: dict[str, type] = {
     "synthetic": SyntheticWorld,
+    "bfcl": BFCLWorld,
 }
 
 

@@ -1006,6 +1006,8 @@ def system_prompt(fmt: str, tools: list[dict]) -> str:
 class SyntheticWorld:
     """Task source for the synthetic tool world."""
 
+    splits = ("train", "test", "format_ood", "content_ood")
+
     name = "synthetic"
 
     def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:

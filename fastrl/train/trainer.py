@@ -321,6 +321,8 @@ def evaluate_policy(
             "truncated": t.truncated,
             "turns": len(t.turn_spans),
             "first_failing_turn": t.info.get("first_failing_turn"),
+            **({"category": t.info["category"]} if "category" in t.info else {}),
+            **({"error": t.info["error"]} if "error" in t.info else {}),
             "messages": t.messages,
         }
         for t in trajs
@@ -332,6 +334,13 @@ def evaluate_policy(
         "truncated": sum(r["truncated"] for r in rows) / max(1, n),
         "n": n,
     }
+    categories = sorted({r["category"] for r in rows if "category" in r})
+    if categories:  # e.g. BFCL's base / miss_param / miss_func
+        summary["success_by_category"] = {
+            c: sum(r["success"] for r in rows if r.get("category") == c)
+            / sum(1 for r in rows if r.get("category") == c)
+            for c in categories
+        }
     return summary, rows
 
 
