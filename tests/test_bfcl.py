@@ -61,6 +61,9 @@ def test_oracle_solves_test_tasks(tmp_path):
     summary = evaluate("test", policy="oracle", env="bfcl", limit=40, overrides=BIG, out=tmp_path)
     assert summary["success"] == 1.0 and summary["n"] == 40
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    for r in rows:  # one structural state per assistant message; the oracle's are all healthy
+        assert len(r["states"]) == sum(m["role"] == "assistant" for m in r["messages"])
+        assert set(r["states"]) <= {"healthy_call", "healthy_text"}
     assert {r["task_id"].split("/")[-1].rsplit("_", 1)[0] for r in rows} >= {"multi_turn_base"}
 
 
@@ -199,3 +202,29 @@ def test_hint_and_summary_by_category(bfcl, tmp_path):
     summary = evaluate("test", policy="oracle", env="bfcl", limit=8, overrides=BIG)
     assert set(summary["success_by_category"]) <= {"base", "miss_param", "miss_func"}
     assert all(v == 1.0 for v in summary["success_by_category"].values())
+
+
+@pytest.mark.parametrize(
+    "config", ["configs/bfcl_qwen2.5_1.5b_grpo.yaml", "configs/bfcl_qwen2.5_1.5b_sft_grpo.yaml"]
+)
+def test_paper_configs_run_a_step_on_a_tiny_model(config, tmp_path):
+    """The paper's BFCL configs, pointed at the tiny preset (its tokenizer built from BFCL text,
+    with the chat and tool-call special tokens), for one step of each phase."""
+    from fastrl.cli import main
+
+    code = main(
+        [
+            "train", "--config", config, f"run_dir={tmp_path}/run", "model.name=tiny",
+            "model.dtype=float32", "model.gradient_checkpointing=false", "model.vocab_size=4096",
+            f"model.cache_dir={tmp_path}/models", "rollout.engine=hf", "rl.steps=1",
+            "rl.prompts_per_step=1", "rl.group_size=2", "rl.warmup_steps=0", "env.train_tasks=2",
+            "env.eval_tasks=1", "rollout.max_turns=2", "rollout.max_turn_tokens=16",
+            "eval.every=0", "eval.splits=[test]",
+            *(["sft.steps=1", "sft.batch_size=2"] if "sft" in config else []),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rl_success"] is not None
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == (["sft"] if "sft" in config else []) + ["rl"]

@@ -22,6 +22,11 @@ CONTRACT = [
     "time/train",
     "time/sync",
     "throughput/tokens_per_s",
+    "rollout/logprob_diff_max",
+    "state/healthy_call",
+    "state/healthy_text",
+    "state/pollution",
+    "state/collapse",
 ]
 
 
@@ -55,6 +60,10 @@ def test_smoke_run_writes_everything(smoke_run, capsys):
     assert [r["phase"] for r in rows] == ["sft"] * 3 + ["rl"] * 2
     for key in CONTRACT:
         assert key in rows[-1], key
+    states = [
+        rows[-1][f"state/{s}"] for s in ("healthy_call", "healthy_text", "pollution", "collapse")
+    ]
+    assert sum(states) == pytest.approx(1.0)
     assert all(r["loss"] == r["loss"] for r in rows)  # no NaN
     assert rows[0]["loss"] > 0
     assert (smoke_run / "config.yaml").exists()

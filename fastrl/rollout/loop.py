@@ -16,6 +16,7 @@ from typing import Any
 
 from fastrl.envs.base import Env, Task
 from fastrl.envs.formats import get_format
+from fastrl.monitor.states import classify
 from fastrl.rollout.types import Engine, Sampling, Trajectory
 
 _episode_ids = (
@@ -159,6 +160,11 @@ def run_episodes(
         ep.traj.reward = float(reward)
         ep.traj.success = bool(info.get("success", reward > 0))
         ep.traj.info = {**info, **ep.traj.info, "truncated": ep.traj.truncated}
+        ep.traj.info["states"] = [
+            classify(m["content"], ep.task.fmt)
+            for m in ep.traj.messages
+            if m["role"] == "assistant"
+        ]
     return [ep.traj for ep in episodes]
 
 

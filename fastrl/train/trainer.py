@@ -41,6 +41,7 @@ from fastrl.envs import get_world
 from fastrl.envs.base import Task
 from fastrl.models import apply_liger, control_token_ids, load_model
 from fastrl.monitor.log import MetricLogger
+from fastrl.monitor.states import state_fractions
 from fastrl.ops import fused_linear_token_logprobs, pack, position_ids
 from fastrl.rollout.engines import HFEngine, ScriptedEngine
 from fastrl.rollout.engines.vllm import VLLMEngine, vllm_available
@@ -323,6 +324,7 @@ def evaluate_policy(
             "first_failing_turn": t.info.get("first_failing_turn"),
             **({"category": t.info["category"]} if "category" in t.info else {}),
             **({"error": t.info["error"]} if "error" in t.info else {}),
+            "states": t.info.get("states", []),
             "messages": t.messages,
         }
         for t in trajs
@@ -664,6 +666,7 @@ def rl_phase(
         row["rollout/truncated"] = float(np.mean([t.truncated for t in sampled]))
         row["rollout/turns"] = float(np.mean([len(t.turn_spans) for t in sampled]))
         row["rollout/kept"] = len(trajs) / max(1, len(sampled))
+        row.update(state_fractions([s for t in sampled for s in t.info.get("states", [])]))
         if trajs:
             assign_advantages(trajs, cfg.rl.advantage, cfg.rl.negative_weight)
             trained = [t for t in trajs if not (cfg.rl.mask_truncated and t.truncated)]
