@@ -168,6 +168,10 @@ class RLConfig:
     # Failed multi-turn samples are long and full of low-probability tokens, so at full weight
     # their push-down can dominate the update and drag down the tokens successes share with them.
     negative_weight: float = 1.0
+    # Format reward weight: adds this times the fraction of the episode's assistant messages in a
+    # healthy structural state (a well-formed call or a clean text reply) to the task reward;
+    # success is unchanged. 0 is off (the paper uses none).
+    format_reward: float = 0.0
     # Truncated importance sampling: weight each sampled token's loss by
     # min(p_trainer / p_engine, tis_cap), correcting for engine-vs-trainer numerics; null is off.
     tis_cap: float | None = None
@@ -272,6 +276,7 @@ class Config:
             ("rl.warmup_steps", self.rl.warmup_steps >= 0, ">= 0"),
             ("rl.schedule", self.rl.schedule in schedules, f"one of {schedules}"),
             ("rl.negative_weight", 0 <= self.rl.negative_weight <= 1, "in [0, 1]"),
+            ("rl.format_reward", self.rl.format_reward >= 0, ">= 0"),
             ("rl.tis_cap", self.rl.tis_cap is None or self.rl.tis_cap > 0, "> 0 or null"),
             ("rl.updates_per_step", self.rl.updates_per_step >= 1, ">= 1"),
             ("rl.advantage", self.rl.advantage in ESTIMATORS, f"one of {sorted(ESTIMATORS)}"),

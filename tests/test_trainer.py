@@ -283,3 +283,24 @@ def test_truncated_importance_sampling_weights_tokens_by_the_capped_ratio(tiny_p
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     uncapped, _ = update(["rl.tis_cap=10"], [1.0] * 4)  # weights e, not 2, on two trajectories
     assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(uncapped, plain))
+
+
+def test_format_reward_adds_the_healthy_fraction(tiny_policy, world):
+    """rl.format_reward: the task reward plus w x the share of healthy assistant messages; success
+    is untouched. HalfRight's good episodes are the expert's (all healthy), the others one text."""
+    _, tok, _ = tiny_policy
+    tasks = world.tasks("train", 40)
+    rewards = {}
+    for w in (0.0, 0.5):
+        cfg = load_config(
+            None, [f"rl.format_reward={w}", "rl.prompts_per_step=4", "rl.group_size=4"]
+        )
+        stream = T.task_stream(tasks, seed=0, start=0)
+        _, sampled = T.sample_groups(
+            cfg, HalfRight(tok, tasks), tok, world, stream, Limits(max_total_tokens=4096),
+            {"step": 0, "position": 0},
+        )  # fmt: skip
+        rewards[w] = [(t.reward, t.success, t.info["states"]) for t in sampled]
+    for (r0, s0, states), (r1, s1, _) in zip(rewards[0.0], rewards[0.5]):
+        healthy = sum(s in ("healthy_call", "healthy_text") for s in states) / len(states)
+        assert s0 == s1 and r1 == pytest.approx(r0 + 0.5 * healthy)

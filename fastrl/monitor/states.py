@@ -48,3 +48,8 @@ def state_fractions(states: list[str]) -> dict[str, float]:
     """`state/<name>` fractions over `states` (all four keys, zeros when empty)."""
     n = max(1, len(states))
     return {f"state/{s}": sum(1 for x in states if x == s) / n for s in STATES}
+
+
+def healthy_fraction(states: list[str]) -> float:
+    """Fraction of `states` that are healthy (a call or a text reply); 0 for no messages."""
+    return sum(1 for s in states if s in ("healthy_call", "healthy_text")) / max(1, len(states))

@@ -41,7 +41,7 @@ from fastrl.envs import get_world
 from fastrl.envs.base import Task
 from fastrl.models import apply_liger, control_token_ids, load_model
 from fastrl.monitor.log import MetricLogger
-from fastrl.monitor.states import state_fractions
+from fastrl.monitor.states import healthy_fraction, state_fractions
 from fastrl.ops import fused_linear_token_logprobs, pack, position_ids
 from fastrl.rollout.engines import HFEngine, ScriptedEngine
 from fastrl.rollout.engines.vllm import VLLMEngine, vllm_available
@@ -601,6 +601,9 @@ def sample_groups(cfg, engine, tokenizer, world, stream, limits, state):
             top_p=cfg.rollout.top_p,
             group_ids=[group_base + i for i in range(need) for _ in range(G)],
         )
+        if cfg.rl.format_reward:  # before dynamic sampling, which looks at reward variance
+            for t in trajs:
+                t.reward += cfg.rl.format_reward * healthy_fraction(t.info.get("states", []))
         sampled += trajs
         if cfg.rl.dynamic_sampling == "off":
             kept, n_groups = trajs, need
