@@ -224,14 +224,30 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        # Dotted keys given explicitly (YAML file, overrides); the environment's own defaults
+        # (`config_defaults` of its World class) fill in only the others. Not saved.
+        self.explicit: set[str] = set()
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def apply_env_defaults(self) -> None:
+        """Set the environment's defaults (e.g. BFCL's prompt-length limits) on keys not given."""
+        from fastrl.envs import ENVS
+
+        for key, value in getattr(ENVS.get(self.env.name), "config_defaults", {}).items():
+            if key not in self.explicit:
+                section, name = key.split(".")
+                setattr(getattr(self, section), name, value)
 
     def validate(self) -> Config:
         """Check values that are well-typed but impossible; raise ConfigError naming the key."""
         from fastrl.algo.advantages import ESTIMATORS
         from fastrl.algo.losses import POLICY_LOSSES
         from fastrl.envs import ENVS
+
+        self.apply_env_defaults()
 
         aggs = (
             "token-mean",
@@ -429,16 +445,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file not found: {path}")
         data = _load_yaml(path.read_text()) or {}
         _merge(cfg, data)
+        cfg.explicit |= _dotted_keys(data)
     for text in overrides or []:
         key, value = parse_override(text)
         _merge(cfg, _nest(key, value))
+        cfg.explicit.add(key)
     return cfg.validate()
+
+
+def _dotted_keys(data: Any, prefix: str = "") -> set[str]:
+    if not isinstance(data, dict):
+        return {prefix.rstrip(".")} if prefix else set()
+    keys: set[str] = set()
+    for key, value in data.items():
+        keys |= _dotted_keys(value, f"{prefix}{key}.")
+    return keys
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """A validated Config from a (possibly partial) nested mapping."""
     cfg = Config()
     _merge(cfg, data)
+    cfg.explicit |= _dotted_keys(data)
     return cfg.validate()
 
 

@@ -58,7 +58,8 @@ def test_splits_are_the_paper_split(bfcl):
 
 
 def test_oracle_solves_test_tasks(tmp_path):
-    summary = evaluate("test", policy="oracle", env="bfcl", limit=40, overrides=BIG, out=tmp_path)
+    # The environment's defaults: the paper's limits.
+    summary = evaluate("test", policy="oracle", env="bfcl", limit=40, out=tmp_path)
     assert summary["success"] == 1.0 and summary["n"] == 40
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     for r in rows:  # one structural state per assistant message; the oracle's are all healthy
@@ -228,3 +229,16 @@ def test_paper_configs_run_a_step_on_a_tiny_model(config, tmp_path):
     assert summary["rl_success"] is not None
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rows] == (["sft"] if "sft" in config else []) + ["rl"]
+
+
+def test_environment_defaults_fill_only_keys_not_given():
+    from fastrl.config import load_config
+
+    cfg = load_config(None, ["env.name=bfcl", "rollout.max_turns=5"])
+    assert cfg.rollout.max_turns == 5  # given: kept
+    assert (cfg.rollout.max_turn_tokens, cfg.rollout.max_total_tokens) == (2048, 16384)
+    assert cfg.env.eval_tasks == 300
+    plain = load_config(None, [])
+    assert plain.rollout.max_total_tokens == 1024 and plain.env.eval_tasks == 100
+    paper = load_config("configs/bfcl_qwen2.5_1.5b_grpo.yaml", [])
+    assert paper.rollout.max_turns == 30 and paper.rollout.max_obs_tokens == 1024

@@ -461,6 +461,16 @@ class BFCLWorld:
 
     name = "bfcl"
     splits = SPLITS
+    # The paper's limits (30 turns, 2048 tokens per assistant turn, 1024 per observation, 8192
+    # prompt + 8192 response) and its 300-task splits, unless a config sets them.
+    config_defaults = {
+        "rollout.max_turns": 30,
+        "rollout.max_turn_tokens": 2048,
+        "rollout.max_obs_tokens": 1024,
+        "rollout.max_total_tokens": 16384,
+        "env.train_tasks": 300,
+        "env.eval_tasks": 300,
+    }
 
     def __init__(self) -> None:
         _package()
