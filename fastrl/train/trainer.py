@@ -115,11 +115,20 @@ def build_engine(cfg: Config, model: torch.nn.Module, model_dir: str, pad_id: in
     name = engine_name(cfg)
     if name == "vllm":
         r = cfg.rollout
+        wanted = r.max_model_len or r.max_total_tokens + r.max_turn_tokens
+        positions = getattr(model.config, "max_position_embeddings", None) or wanted
+        if wanted > positions:  # vLLM refuses a context past the model's positions
+            log.warning(
+                "vLLM max_model_len %d capped at the model's max_position_embeddings %d; longer "
+                "contexts end their episode with an engine error",
+                wanted,
+                positions,
+            )
         engine = VLLMEngine(
             model,
             str(model_dir),
             seed=cfg.seed,
-            max_model_len=r.max_model_len or r.max_total_tokens + r.max_turn_tokens,
+            max_model_len=min(wanted, positions),
             gpu_memory_utilization=r.gpu_memory_utilization,
         )
     else:
