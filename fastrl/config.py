@@ -120,6 +120,9 @@ class SFTConfig:
     schedule: str = "constant"
     # Aggregation of the SFT token loss: token-mean | seq-mean-token-mean.
     loss_agg: str = "token-mean"
+    # Demonstrate only train tasks whose expert makes at most this many tool calls (RL still
+    # trains on every task); 0 uses them all.
+    max_expert_calls: int = 0
 
 
 @dataclass
@@ -293,6 +296,7 @@ class Config:
             ("rl.schedule", self.rl.schedule in schedules, f"one of {schedules}"),
             ("rl.negative_weight", 0 <= self.rl.negative_weight <= 1, "in [0, 1]"),
             ("rl.format_reward", self.rl.format_reward >= 0, ">= 0"),
+            ("sft.max_expert_calls", self.sft.max_expert_calls >= 0, ">= 0"),
             ("rl.tis_cap", self.rl.tis_cap is None or self.rl.tis_cap > 0, "> 0 or null"),
             ("rl.updates_per_step", self.rl.updates_per_step >= 1, ">= 1"),
             ("rl.advantage", self.rl.advantage in ESTIMATORS, f"one of {sorted(ESTIMATORS)}"),

@@ -304,3 +304,13 @@ def test_format_reward_adds_the_healthy_fraction(tiny_policy, world):
     for (r0, s0, states), (r1, s1, _) in zip(rewards[0.0], rewards[0.5]):
         healthy = sum(s in ("healthy_call", "healthy_text") for s in states) / len(states)
         assert s0 == s1 and r1 == pytest.approx(r0 + 0.5 * healthy)
+
+
+def test_sft_demonstrates_only_short_tasks_when_asked(world):
+    tasks = world.tasks("train", 200)
+    counts = [T.expert_calls(t) for t in tasks]
+    assert min(counts) == 1 and max(counts) >= 3
+    assert T.demonstrated(load_config(None, []), tasks) == tasks
+    short = T.demonstrated(load_config(None, ["sft.max_expert_calls=2"]), tasks)
+    assert short and all(T.expert_calls(t) <= 2 for t in short)
+    assert len(short) == sum(c <= 2 for c in counts)

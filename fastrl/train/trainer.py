@@ -39,6 +39,7 @@ from fastrl.algo.losses import get_policy_loss, sft_loss
 from fastrl.config import Config, ConfigError, save_config
 from fastrl.envs import get_world
 from fastrl.envs.base import Task
+from fastrl.envs.formats import get_format
 from fastrl.models import apply_liger, control_token_ids, load_model
 from fastrl.monitor.log import MetricLogger
 from fastrl.monitor.states import healthy_fraction, state_fractions
@@ -355,6 +356,28 @@ def evaluate_policy(
     return summary, rows
 
 
+def demonstrated(cfg: Config, train_tasks: list[Task]) -> list[Task]:
+    """The train tasks SFT shows expert trajectories of (`sft.max_expert_calls`)."""
+    if not cfg.sft.max_expert_calls:
+        return train_tasks
+    tasks = [t for t in train_tasks if expert_calls(t) <= cfg.sft.max_expert_calls]
+    log.info(
+        "SFT demonstrates %d of %d train tasks (expert calls <= %d)",
+        len(tasks),
+        len(train_tasks),
+        cfg.sft.max_expert_calls,
+    )
+    if not tasks:
+        raise ConfigError("sft.max_expert_calls: no train task has so few expert calls")
+    return tasks
+
+
+def expert_calls(task: Task) -> int:
+    """Number of tool calls in a task's expert solution."""
+    fmt = get_format(task.fmt)
+    return sum(len(fmt.parse(m).calls) for turn in task.expert for m in turn)
+
+
 def expert_trajectories(tokenizer, world, tasks: list[Task], limits: Limits) -> list[Trajectory]:
     """Play each task's expert messages through its environment: SFT data with real observations."""
     scripts = {t.id: [m for turn in t.expert for m in turn] for t in tasks}
@@ -452,7 +475,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                 model,
                 tokenizer,
                 world,
-                train_tasks,
+                demonstrated(cfg, train_tasks),
                 limits,
                 state,
                 optimizer_state,

@@ -3,10 +3,13 @@
 The engine is colocated: it runs in the trainer's process (vLLM's in-process engine core,
 `VLLM_ENABLE_V1_MULTIPROCESSING=0`) on the trainer's device. It starts from the model directory the
 trainer loaded and is brought up to date in place after every optimizer step by `sync_weights`,
-which streams the trainer's parameters into vLLM's `reload_weights` one tensor at a time (a lazy
-generator: no second full copy of the model is built; under ZeRO-3 each tensor is gathered just in
-time by the `gather` context the trainer passes). The prefix cache is reset after every sync, since
-its keys and values were computed with the old weights.
+which streams the trainer's parameters one tensor at a time straight into vLLM's own (fused)
+tensors with `copy_` (a lazy generator: no second full copy of the model is built; under ZeRO-3
+each tensor is gathered just in time by the `gather` context the trainer passes). vLLM's
+`reload_weights` is not used: on its CPU backend it leaves the packed GEMM copies of the linear
+weights stale. The prefix cache is reset after every sync, since its keys and values were computed
+with the old weights. The weight path reaches into the worker's model, so the engine core must run
+in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, which the engine sets unless told otherwise).
 
 Sampling: one request per prompt (the agent loop plays every group member as its own episode), a
 per-request seed derived from the engine seed, the request id and the prompt length, so a run is
@@ -68,6 +71,11 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+            raise RuntimeError(
+                "the colocated vLLM engine syncs weights in process: unset "
+                "VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0"
+            )
         with _repo_triton_kernels_hidden():
             from vllm import LLM
 
@@ -235,10 +243,9 @@ class VLLMEngine:
             with torch.no_grad():
                 for name, tensor in stream:
                     target, offset = plan[name]
-                    dst = params[target]
-                    dst[offset : offset + tensor.shape[0]].copy_(tensor)
+                    params[target][offset : offset + tensor.shape[0]].copy_(tensor)
                     n += 1
-            if dst.device.type == "cpu":
+            if next(vmodel.parameters()).device.type == "cpu":
                 _repack_cpu_linears(vmodel)
             return n
 
