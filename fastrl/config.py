@@ -204,6 +204,17 @@ class EvalConfig:
 
 
 @dataclass
+class MonitorConfig:
+    # ctrl/alarm fires when a control-token probability moves more than this many EMA standard
+    # deviations the dangerous way (up for <|im_end|> and <tool_call>, down for the JSON opener).
+    alarm_threshold: float = 4.0
+    # Steps of history a series needs before it can raise the alarm.
+    alarm_min_history: int = 5
+    # EMA weight of the newest value in the running mean and variance.
+    alarm_alpha: float = 0.1
+
+
+@dataclass
 class Config:
     # Run directory: metrics.jsonl, config.yaml, checkpoints/, events, summary.json.
     run_dir: str = "runs/demo"
@@ -226,6 +237,7 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
         # Dotted keys given explicitly (YAML file, overrides); the environment's own defaults
@@ -297,6 +309,9 @@ class Config:
             ("rl.negative_weight", 0 <= self.rl.negative_weight <= 1, "in [0, 1]"),
             ("rl.format_reward", self.rl.format_reward >= 0, ">= 0"),
             ("sft.max_expert_calls", self.sft.max_expert_calls >= 0, ">= 0"),
+            ("monitor.alarm_threshold", self.monitor.alarm_threshold > 0, "> 0"),
+            ("monitor.alarm_min_history", self.monitor.alarm_min_history >= 1, ">= 1"),
+            ("monitor.alarm_alpha", 0 < self.monitor.alarm_alpha <= 1, "in (0, 1]"),
             ("rl.tis_cap", self.rl.tis_cap is None or self.rl.tis_cap > 0, "> 0 or null"),
             ("rl.updates_per_step", self.rl.updates_per_step >= 1, ">= 1"),
             ("rl.advantage", self.rl.advantage in ESTIMATORS, f"one of {sorted(ESTIMATORS)}"),

@@ -27,6 +27,7 @@ CONTRACT = [
     "state/healthy_text",
     "state/pollution",
     "state/collapse",
+    "ctrl/alarm",
 ]
 
 

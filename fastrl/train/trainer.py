@@ -41,6 +41,7 @@ from fastrl.envs import get_world
 from fastrl.envs.base import Task
 from fastrl.envs.formats import get_format
 from fastrl.models import apply_liger, control_token_ids, load_model
+from fastrl.monitor.control_tokens import SpikeAlarm
 from fastrl.monitor.log import MetricLogger
 from fastrl.monitor.states import healthy_fraction, state_fractions
 from fastrl.ops import fused_linear_token_logprobs, pack, position_ids
@@ -685,6 +686,9 @@ def rl_phase(
     pad_id = tokenizer.pad_token_id
     T = cfg.rollout.temperature
     engine.sync_weights()  # after SFT or a resume, the engine still holds older weights
+    m = cfg.monitor
+    alarm = SpikeAlarm(m.alarm_threshold, m.alarm_min_history, m.alarm_alpha)
+    alarm.load_state_dict(state.get("monitor", {}))
     while state["phase_step"] < cfg.rl.steps:
         # -- rollout
         t0 = time.time()
@@ -721,6 +725,8 @@ def rl_phase(
                 state["phase_step"],
             )
             row.update(stats)
+        row.update(alarm.update(row))
+        state["monitor"] = alarm.state_dict()
         state["phase_step"] += 1
         state["step"] += 1
         row["time/rollout"] = t_rollout

@@ -1,0 +1,64 @@
+"""Spike alarms on the control-token probability series (PAPER.md §2).
+
+Every RL step logs, at the probe positions right after `<tool_call>` and its newline, the mean
+probability of the JSON opener `{"` (healthy), of `<|im_end|>` and of `<tool_call>` (the two
+collapse modes): `ctrl/p_open_json`, `ctrl/p_im_end`, `ctrl/p_tool_call`. The paper publishes no
+alarm rule; fastrl uses an exponential moving average of each series' mean and variance and raises
+`ctrl/alarm` when a new value lies more than `threshold` standard deviations from the average
+*before* it is folded in, once at least `min_history` values have been seen. Collapse shows as a
+jump up of p(`<|im_end|>`) or p(`<tool_call>`) and a drop of p(`{"`), so the rule watches the side
+that matters for each series. The z-score of every series is logged as `ctrl/z_<name>`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# series -> direction of the dangerous move (+1: up, -1: down)
+WATCHED = {"ctrl/p_im_end": 1, "ctrl/p_tool_call": 1, "ctrl/p_open_json": -1}
+
+
+class SpikeAlarm:
+    """EMA z-score alarm over the control-token series of the metric rows."""
+
+    def __init__(
+        self,
+        threshold: float = 4.0,
+        min_history: int = 5,
+        alpha: float = 0.1,
+        min_std: float = 0.01,
+    ):
+        self.threshold = threshold
+        self.min_history = min_history
+        self.alpha = alpha
+        self.min_std = min_std  # floors the std so a perfectly flat series does not alarm on noise
+        self.stats: dict[str, list[float]] = {}  # series -> [count, mean, var]
+
+    def update(self, row: dict[str, Any]) -> dict[str, float]:
+        """Fold this step's values in; returns `ctrl/alarm` (0/1) and `ctrl/z_<name>`."""
+        out: dict[str, float] = {}
+        alarm = False
+        for key, direction in WATCHED.items():
+            value = row.get(key)
+            if value is None or not math.isfinite(value):
+                continue
+            count, mean, var = self.stats.get(key, [0, value, 0.0])
+            std = max(math.sqrt(var), self.min_std)
+            z = (value - mean) / std if count else 0.0
+            out[f"ctrl/z_{key.removeprefix('ctrl/p_')}"] = z
+            if count >= self.min_history and direction * z > self.threshold:
+                alarm = True
+            # EMA of mean and variance (West's incremental form).
+            delta = value - mean
+            mean = mean + self.alpha * delta if count else value
+            var = (1 - self.alpha) * (var + self.alpha * delta * delta) if count else 0.0
+            self.stats[key] = [count + 1, mean, var]
+        out["ctrl/alarm"] = float(alarm)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stats": {k: list(v) for k, v in self.stats.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats = {k: list(v) for k, v in state.get("stats", {}).items()}

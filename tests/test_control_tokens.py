@@ -1,0 +1,43 @@
+import random
+
+import pytest
+
+from fastrl.monitor.control_tokens import SpikeAlarm
+
+
+def series(n, seed=0, base=0.05, noise=0.005):
+    rng = random.Random(seed)
+    return [base + rng.uniform(-noise, noise) for _ in range(n)]
+
+
+def test_alarm_fires_on_a_control_token_spike_and_not_before():
+    alarm = SpikeAlarm(threshold=4.0, min_history=5, alpha=0.1)
+    im_end, opener = series(30, 1), series(30, 2, base=0.9)
+    fired = [alarm.update({"ctrl/p_im_end": a, "ctrl/p_open_json": b})["ctrl/alarm"]
+             for a, b in zip(im_end, opener)]  # fmt: skip
+    assert fired == [0.0] * 30
+    out = alarm.update({"ctrl/p_im_end": 0.6, "ctrl/p_open_json": 0.9})  # <|im_end|> jumps
+    assert out["ctrl/alarm"] == 1.0 and out["ctrl/z_im_end"] > 4.0
+
+
+def test_direction_and_min_history():
+    alarm = SpikeAlarm(threshold=3.0, min_history=5)
+    for v in series(10, 3, base=0.9):
+        alarm.update({"ctrl/p_open_json": v})
+    assert alarm.update({"ctrl/p_open_json": 0.99})["ctrl/alarm"] == 0.0  # the healthy side
+    assert alarm.update({"ctrl/p_open_json": 0.2})["ctrl/alarm"] == 1.0  # the opener collapses
+    young = SpikeAlarm(threshold=3.0, min_history=5)
+    for v in [0.05, 0.05, 0.05]:
+        young.update({"ctrl/p_tool_call": v})
+    assert young.update({"ctrl/p_tool_call": 0.9})["ctrl/alarm"] == 0.0  # too little history
+
+
+def test_missing_series_and_state_round_trip():
+    alarm = SpikeAlarm()
+    assert alarm.update({}) == {"ctrl/alarm": 0.0}
+    for v in series(8, 4):
+        alarm.update({"ctrl/p_tool_call": v})
+    copy = SpikeAlarm()
+    copy.load_state_dict(alarm.state_dict())
+    row = {"ctrl/p_tool_call": 0.07}
+    assert copy.update(dict(row)) == pytest.approx(alarm.update(dict(row)))
