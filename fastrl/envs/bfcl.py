@@ -407,7 +407,7 @@ class BFCLEnv:
                 observations.append({"role": "tool", "content": shown})
         else:
             return self._end_turn(), self._done
-        if self._steps >= self.max_steps_per_turn:  # the paper's per-turn step limit
+        if self._steps >= self.max_steps_per_turn:  # BFCL's MAXIMUM_STEP_LIMIT per turn (20)
             observations += self._end_turn()
         return observations, self._done
 
