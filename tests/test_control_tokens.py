@@ -41,3 +41,25 @@ def test_missing_series_and_state_round_trip():
     copy.load_state_dict(alarm.state_dict())
     row = {"ctrl/p_tool_call": 0.07}
     assert copy.update(dict(row)) == pytest.approx(alarm.update(dict(row)))
+
+
+def test_gradient_split_against_a_loop():
+    import torch
+
+    from fastrl.monitor.control_tokens import gradient_split
+
+    g = torch.Generator().manual_seed(0)
+    M, ids = 37, [5, 9, 2]
+    probs = torch.rand(M, 3, generator=g, dtype=torch.float64) * 0.3
+    labels = torch.randint(0, 12, (M,), generator=g)
+    labels[:6] = torch.tensor([5, 9, 2, 5, 2, 2])  # make sure every control id was sampled
+    adv = torch.randn(M, generator=g, dtype=torch.float64)
+    got_self, got_other = gradient_split(probs, labels, adv, ids)
+    for c, k in enumerate(ids):
+        want_self = sum(adv[m] * (1 - probs[m, c]) for m in range(M) if labels[m] == k)
+        want_other = sum(-adv[m] * probs[m, c] for m in range(M) if labels[m] != k)
+        assert got_self[c].item() == pytest.approx(float(want_self))
+        assert got_other[c].item() == pytest.approx(float(want_other))
+    # The full push sums to the two parts.
+    full = (adv[:, None] * ((labels[:, None] == torch.tensor(ids)).double() - probs)).sum(0)
+    torch.testing.assert_close(got_self + got_other, full)

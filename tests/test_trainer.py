@@ -126,6 +126,8 @@ def test_policy_update_with_kl_and_several_updates(tiny_policy, world):
         "ctrl/p_im_end",
         "ctrl/p_tool_call",
         "ctrl/mean_p_im_end",
+        "ctrl/grad_self_im_end",
+        "ctrl/grad_other_tool_call",
     ):
         assert key in stats and stats[key] == stats[key], key
     assert stats["kl"] > 0  # the second update moved away from the reference

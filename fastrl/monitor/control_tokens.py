@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 # series -> direction of the dangerous move (+1: up, -1: down)
 WATCHED = {"ctrl/p_im_end": 1, "ctrl/p_tool_call": 1, "ctrl/p_open_json": -1}
 
@@ -62,3 +64,31 @@ class SpikeAlarm:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stats = {k: list(v) for k, v in state.get("stats", {}).items()}
+
+
+def gradient_split(
+    control_probs: torch.Tensor,
+    labels: torch.Tensor,
+    advantages: torch.Tensor,
+    control_ids: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy-gradient push on each control token's logit, split in two (PAPER.md §2).
+
+    For a trained token with advantage A, sampled id s and probabilities p, the push on logit k is
+    A * (1[k = s] - p_k). Summed over the trained tokens, the *self* part collects the tokens
+    where k was sampled (A * (1 - p_k)), the *other* part the rest (-A * p_k: pushed down while
+    something else was sampled).
+
+    Args:
+        control_probs: `(M, C)` p of each control id at each trained token.
+        labels: `(M,)` sampled ids.
+        advantages: `(M,)` advantage of each trained token.
+        control_ids: the C control token ids.
+
+    Returns:
+        (self, other), each `(C,)`: sums over the M tokens.
+    """
+    ids = torch.tensor(control_ids, device=labels.device)  # [C]
+    sampled = (labels[:, None] == ids[None, :]).to(control_probs.dtype)  # [M, C]
+    push = advantages[:, None].to(control_probs.dtype) * (sampled - control_probs)  # [M, C]
+    return (push * sampled).sum(0), (push * (1 - sampled)).sum(0)

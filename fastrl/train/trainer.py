@@ -41,7 +41,7 @@ from fastrl.envs import get_world
 from fastrl.envs.base import Task
 from fastrl.envs.formats import get_format
 from fastrl.models import apply_liger, control_token_ids, load_model
-from fastrl.monitor.control_tokens import SpikeAlarm
+from fastrl.monitor.control_tokens import SpikeAlarm, gradient_split
 from fastrl.monitor.log import MetricLogger
 from fastrl.monitor.states import healthy_fraction, state_fractions
 from fastrl.ops import fused_linear_token_logprobs, pack, position_ids
@@ -856,6 +856,16 @@ def policy_update(
                 if key in stats:
                     add(key, float(stats[key]), g_tokens)
             token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id)
+            if ctrl_probs is not None:
+                trained = batch.target_mask  # [B, T]
+                adv_tok = adv[trained] if adv.dim() == 2 else adv[trained.nonzero()[:, 0]]  # [M]
+                g_self, g_other = gradient_split(
+                    ctrl_probs.detach(), batch.labels[trained], adv_tok, control_ids
+                )
+                m = max(1.0, g_tokens)
+                for k, key in enumerate(CONTROL_KEYS):  # per trained token
+                    add(f"ctrl/grad_self_{key}", g_self[k].item() / m, m)
+                    add(f"ctrl/grad_other_{key}", g_other[k].item() / m, m)
         grad_norms.append(clip_and_step(model, optimizer, cfg.optim.grad_clip))
     if not grad_norms:
         # No trajectory carried a learning signal (every group agreed): no update, but the
