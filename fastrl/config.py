@@ -188,6 +188,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     # Gradient-norm clip; 0 disables it.
     grad_clip: float = 1.0
+    # Stop after this many steps in a row whose update was skipped for a non-finite loss or
+    # gradient (each such update is skipped, logged and counted); 0 never stops.
+    max_nonfinite_steps: int = 3
     # Run each training micro-batch padding-free, its sequences packed into one.
     packing: bool = True
     # Token budget of one micro-batch (real tokens when packing, rows x longest otherwise); bounds
@@ -309,6 +312,7 @@ class Config:
             ("rl.negative_weight", 0 <= self.rl.negative_weight <= 1, "in [0, 1]"),
             ("rl.format_reward", self.rl.format_reward >= 0, ">= 0"),
             ("sft.max_expert_calls", self.sft.max_expert_calls >= 0, ">= 0"),
+            ("optim.max_nonfinite_steps", self.optim.max_nonfinite_steps >= 0, ">= 0"),
             ("monitor.alarm_threshold", self.monitor.alarm_threshold > 0, "> 0"),
             ("monitor.alarm_min_history", self.monitor.alarm_min_history >= 1, ">= 1"),
             ("monitor.alarm_alpha", 0 < self.monitor.alarm_alpha <= 1, "in (0, 1]"),

@@ -38,6 +38,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
         ("rl.negative_weight=1.5", "rl.negative_weight"),
         ("rl.format_reward=-1", "rl.format_reward"),
         ("monitor.alarm_alpha=0", "monitor.alarm_alpha"),
+        ("optim.max_nonfinite_steps=-1", "optim.max_nonfinite_steps"),
         ("rl.tis_cap=0", "rl.tis_cap"),
         ("rollout.engine=sglang", "rollout.engine"),
         ("eval.splits=[long_context]", "eval.splits"),

@@ -316,3 +316,33 @@ def test_sft_demonstrates_only_short_tasks_when_asked(world):
     short = T.demonstrated(load_config(None, ["sft.max_expert_calls=2"]), tasks)
     assert short and all(T.expert_calls(t) <= 2 for t in short)
     assert len(short) == sum(c <= 2 for c in counts)
+
+
+def test_nonfinite_loss_skips_the_update_and_stops_after_a_streak(tiny_policy, world):
+    model, tok, _ = tiny_policy
+    cfg = load_config(None, ["optim.max_nonfinite_steps=2"])
+    m = copy.deepcopy(model).train()
+    opt = T.make_optimizer(m, cfg, 1e-3)
+    trajs = T.expert_trajectories(
+        tok, world, world.tasks("train", 2), Limits(max_total_tokens=4096)
+    )
+    for t in trajs:
+        t.group_id, t.info["advantage"] = 0, float("nan")  # a NaN loss
+    before = [p.detach().clone() for p in m.parameters()]
+    stats = T.policy_update(cfg, m, None, opt, get_policy_loss("ppo"), trajs, trajs,
+                            tok.pad_token_id, 1.0, None, None, 0)  # fmt: skip
+    assert stats["skipped_updates"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # nothing applied
+    assert not opt.state  # and the optimizer never stepped
+    state: dict = {}
+    T.note_nonfinite(state, 1, 2, {})
+    T.note_nonfinite(state, 0, 2, {})  # a healthy step resets the streak
+    T.note_nonfinite(state, 1, 2, {})
+    with pytest.raises(RuntimeError, match="max_nonfinite_steps=2"):
+        T.note_nonfinite(state, 1, 2, {})
+    # A finite update still goes through afterwards.
+    for t in trajs:
+        t.info["advantage"] = 1.0
+    stats = T.policy_update(cfg, m, None, opt, get_policy_loss("ppo"), trajs, trajs,
+                            tok.pad_token_id, 1.0, None, None, 0)  # fmt: skip
+    assert stats["skipped_updates"] == 0 and opt.state

@@ -576,32 +576,60 @@ def sft_phase(
         state["phase_step"] += 1
         state["step"] += 1
         dt = time.time() - t0
-        logger.log(
-            {
-                "step": state["step"],
-                "phase": "sft",
-                "loss": total_loss,
-                "grad_norm": grad_norm,
-                "lr": lr,
-                "time/train": dt,
-                "throughput/tokens_per_s": n_tokens / dt,
-            }
-        )
+        row = {
+            "step": state["step"],
+            "phase": "sft",
+            "loss": total_loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "time/train": dt,
+            "throughput/tokens_per_s": n_tokens / dt,
+        }
+        note_nonfinite(state, int(not math.isfinite(grad_norm)), cfg.optim.max_nonfinite_steps, row)
+        logger.log(row)
         if cfg.checkpoint_every and state["phase_step"] % cfg.checkpoint_every == 0:
             checkpoint(optimizer)
 
 
 def clip_and_step(model, optimizer, grad_clip: float) -> float:
+    """Clip and apply the accumulated gradients; returns their norm.
+
+    A non-finite norm (a NaN/inf loss or gradient) skips the update: the gradients are dropped,
+    the parameters and optimizer state stay as they were, and the norm is returned for the caller
+    to count (`note_nonfinite`).
+    """
     params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    grad_norm = torch.linalg.vector_norm(
+        torch.stack([p.grad.detach().float().norm() for p in params])
+    ).item()
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
     if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
-    else:
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([p.grad.detach().norm() for p in params])
-        ).item()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def note_nonfinite(state: dict[str, Any], skipped: int, limit: int, row: dict) -> None:
+    """Count updates skipped for a non-finite loss or gradient; stop after `limit` in a row."""
+    row["skipped_updates"] = skipped
+    state["nonfinite_in_a_row"] = state.get("nonfinite_in_a_row", 0) + 1 if skipped else 0
+    if skipped:
+        log.warning(
+            "step %d: %d update(s) skipped for a non-finite loss or gradient (%d step(s) in a row)",
+            row.get("step", 0),
+            skipped,
+            state["nonfinite_in_a_row"],
+        )
+    if limit and state["nonfinite_in_a_row"] >= limit:
+        raise RuntimeError(
+            f"{state['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient "
+            f"(optim.max_nonfinite_steps={limit}); stopping. The last checkpoint is intact."
+        )
 
 
 def sample_groups(cfg, engine, tokenizer, world, stream, limits, state):
@@ -727,6 +755,8 @@ def rl_phase(
             row.update(stats)
         row.update(alarm.update(row))
         state["monitor"] = alarm.state_dict()
+        limit = cfg.optim.max_nonfinite_steps
+        note_nonfinite(state, int(row.get("skipped_updates", 0)), limit, row)
         state["phase_step"] += 1
         state["step"] += 1
         row["time/rollout"] = t_rollout
@@ -882,7 +912,9 @@ def policy_update(
         counts.update(loss=1.0, clip_frac=1.0, kl=1.0, ratio_mean=1.0)
     out = {k: sums[k] / counts[k] for k in sums if counts[k] > 0}
     out["loss"] = sums["loss"] / max(1, len(grad_norms))
-    out["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
+    finite = [g for g in grad_norms if math.isfinite(g)]
+    out["grad_norm"] = float(np.mean(finite)) if finite else (grad_norms[0] if grad_norms else 0.0)
+    out["skipped_updates"] = len(grad_norms) - len(finite)
     out["lr"] = lr
     return out
 
