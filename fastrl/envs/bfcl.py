@@ -212,12 +212,28 @@ def parse_ground_truth(call: str) -> tuple[str, tuple, dict]:
     return node.func.id, args, kwargs
 
 
-def _as_keywords(executor: Executor, name: str, args: tuple, kwargs: dict) -> dict:
+@cache
+def _signatures(classes: tuple[str, ...]) -> dict[str, inspect.Signature]:
+    """Public method name -> signature (without `self`) for the API classes, from the classes
+    themselves: naming ground-truth arguments needs no instance and no scenario."""
+    backend = _package()
+    out = {}
+    for class_name in classes:
+        cls = getattr(
+            importlib.import_module(backend.CLASS_FILE_PATH_MAPPING[class_name]), class_name
+        )
+        for name, fn in inspect.getmembers(cls, predicate=inspect.isfunction):
+            if not name.startswith("_"):
+                params = list(inspect.signature(fn).parameters.values())[1:]  # drop self
+                out[name] = inspect.Signature(params)
+    return out
+
+
+def _as_keywords(classes: tuple[str, ...], name: str, args: tuple, kwargs: dict) -> dict:
     """Ground-truth arguments as keyword arguments (positional ones named by the signature)."""
     if not args:
         return dict(kwargs)
-    bound = inspect.signature(executor.methods[name]).bind_partial(*args, **kwargs)
-    return dict(bound.arguments)
+    return dict(_signatures(classes)[name].bind_partial(*args, **kwargs).arguments)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,7 +277,7 @@ def make_task(entry: dict, split: str, fmt: str) -> Task:
         {"role": "user", "content": _turn_text(entry["question"][0])},
     ]
     # Expert: each turn's ground-truth calls in one message, then a short reply.
-    scratch = Executor(entry)
+    classes = tuple(entry["involved_classes"])
     expert: list[list[str]] = []
     for calls in entry["ground_truth"]:
         if not calls:
@@ -270,7 +286,7 @@ def make_task(entry: dict, split: str, fmt: str) -> Task:
         parsed = []
         for call in calls:
             name, args, kwargs = parse_ground_truth(call)
-            parsed.append(ToolCall(name, _as_keywords(scratch, name, args, kwargs)))
+            parsed.append(ToolCall(name, _as_keywords(classes, name, args, kwargs)))
         expert.append([f.render_calls(parsed), DONE])
     return Task(
         id=f"bfcl/{split}/{entry['id']}",

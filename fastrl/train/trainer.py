@@ -851,14 +851,15 @@ def policy_update(
                 with torch.no_grad():
                     ref_lp, _, _ = token_stats(ref_model, batch, temperature, packed=packing)
             adv = torch.tensor([t.info["advantage"] for t in group], dtype=torch.float32)  # [B]
+            g_tokens = mask.sum().item()
             if rl.tis_cap is not None:
                 # Truncated IS: the engine sampled them, the trainer's old policy scores.
                 tis = (
                     (old_lp.detach() - batch.engine_logprobs).exp().clamp(max=rl.tis_cap)
                 )  # [B, T]
                 adv = adv[:, None] * tis * mask  # [B, T]
-                n_mask = mask.sum().item()
-                add("rollout/tis_weight_mean", (tis * mask).sum().item() / max(1.0, n_mask), n_mask)
+                mean_tis = (tis * mask).sum().item() / max(1.0, g_tokens)
+                add("rollout/tis_weight_mean", mean_tis, g_tokens)
             loss, stats = loss_fn(
                 logp,
                 old_lp,
@@ -875,7 +876,6 @@ def policy_update(
                 loss_agg=rl.loss_agg,
                 norm_len=cfg.rollout.max_total_tokens,
             )
-            g_tokens = mask.sum().item()
             if rl.loss_agg == "token-mean":
                 weight = g_tokens / n_tokens
             else:
@@ -893,9 +893,10 @@ def policy_update(
                     ctrl_probs.detach(), batch.labels[trained], adv_tok, control_ids
                 )
                 m = max(1.0, g_tokens)
+                pushes = torch.stack([g_self, g_other]).tolist()  # one transfer  # [2, C]
                 for k, key in enumerate(CONTROL_KEYS):  # per trained token
-                    add(f"ctrl/grad_self_{key}", g_self[k].item() / m, m)
-                    add(f"ctrl/grad_other_{key}", g_other[k].item() / m, m)
+                    add(f"ctrl/grad_self_{key}", pushes[0][k] / m, m)
+                    add(f"ctrl/grad_other_{key}", pushes[1][k] / m, m)
         grad_norms.append(clip_and_step(model, optimizer, cfg.optim.grad_clip))
     if not grad_norms:
         # No trajectory carried a learning signal (every group agreed): no update, but the
