@@ -1,4 +1,4 @@
-"""Command line: `fastrl train | eval | demo` (also `python -m fastrl ...` and under torchrun)."""
+"""Command line: `fastrl train | eval | demo | report` (also `python -m fastrl ...`, torchrun)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job on the built-in default; prints a JSON summary")
     d.add_argument("overrides", nargs="*", help="dotted config overrides")
+
+    r = sub.add_parser("report", help="plots and an HTML page from a run directory's metrics")
+    r.add_argument("run_dir", help="run directory holding metrics.jsonl")
     return p
 
 
@@ -47,8 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     from fastrl.api import evaluate, train
     from fastrl.config import ConfigError
 
+    errors: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
+    if args.verb == "report":
+        errors += (ValueError,)  # a metrics file without rows
     try:
-        if args.verb == "train":
+        if args.verb == "report":
+            from fastrl.monitor.report import write_report
+
+            summary = write_report(args.run_dir)
+        elif args.verb == "train":
             summary = train(args.config, args.overrides, resume=args.resume)
         elif args.verb == "demo":
             summary = train(None, args.overrides)
@@ -63,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 limit=args.limit,
                 out=args.out,
             )
-    except (ConfigError, FileNotFoundError) as e:
+    except errors as e:
         print(f"fastrl: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary))

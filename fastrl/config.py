@@ -218,6 +218,114 @@ class MonitorConfig:
 
 
 @dataclass
+class OPSConfig:
+    # Off-policy supervision: this many of each group's `rl.group_size` members are the task's
+    # expert trajectory (played through the environment, scored, normalised with the group)
+    # instead of samples; 0 is off.
+    k: int = 0
+    # Loss on expert tokens: clip (the policy loss, whose ratio against the trainer's own
+    # pre-update logprobs is 1 on the first update) | luffy (the ratio replaced by p / (p + gamma),
+    # no clipping; LUFFY's policy shaping).
+    shaping: str = "clip"
+    # LUFFY's gamma.
+    gamma: float = 0.1
+
+
+@dataclass
+class HBGConfig:
+    # Hint-based guidance: this many of each group's members see the task's hint in the system
+    # prompt while sampling; the trained sequence has the plain prompt. 0 is off.
+    k: int = 0
+
+
+@dataclass
+class ETSConfig:
+    # Erroneous trajectory supervision: after each RL phase (schedule.scheme=interleaved), an SFT
+    # phase on the expert trajectories of every task with a failed rollout in its last `window`
+    # RL steps.
+    enabled: bool = False
+    # RL steps looked back for failed tasks.
+    window: int = 10
+    # Passes over the collected tasks.
+    epochs: int = 2
+    # Peak learning rate of the SFT phase.
+    lr: float = 1e-5
+    # Fraction of the phase spent in linear warm-up.
+    warmup_ratio: float = 0.3
+    # Trajectories per optimizer step.
+    batch_size: int = 8
+
+
+@dataclass
+class PRSConfig:
+    # Process reflection supervision: as ETS, plus SFT on reflections (an analysis prompt holding
+    # a failed trajectory and the reference solution -> a turn-by-turn critique). Uses the
+    # `supervision.ets` window, epochs, lr, warm-up and batch size.
+    enabled: bool = False
+    # Who writes the critiques: builtin (a deterministic critic comparing the trajectory with the
+    # expert's) | a local Hugging Face model directory used as judge (greedy).
+    reflector: str = "builtin"
+    # Most new tokens a judge model writes per critique.
+    max_reflection_tokens: int = 256
+
+
+@dataclass
+class MixedSFTConfig:
+    # Weight mu of an SFT loss on expert trajectories added to every RL update (0 is off).
+    weight: float = 0.0
+    # mu at the last RL step for the linear and cosine schedules.
+    final_weight: float = 0.0
+    # How mu moves over the RL steps: constant | linear | cosine.
+    schedule: str = "constant"
+    # CHORD's per-token weight phi = p (1 - p) (no gradient through it) on the SFT tokens.
+    chord_phi: bool = False
+    # Expert trajectories drawn per RL update.
+    batch_size: int = 4
+
+
+@dataclass
+class SupervisionConfig:
+    # The SFT warm-up before RL is the `sft` block; these are the other supervision modes, each
+    # off by default and combinable.
+    ops: OPSConfig = field(default_factory=OPSConfig)
+    hbg: HBGConfig = field(default_factory=HBGConfig)
+    ets: ETSConfig = field(default_factory=ETSConfig)
+    prs: PRSConfig = field(default_factory=PRSConfig)
+    mixed_sft: MixedSFTConfig = field(default_factory=MixedSFTConfig)
+
+
+@dataclass
+class ScheduleConfig:
+    # synchronous: SFT warm-up (sft.steps), then one RL phase of rl.steps (OPS, HBG and mixed SFT
+    # act inside its steps) | interleaved: SFT warm-up, then RL phases of `rl_phases` steps with a
+    # corrective SFT phase (ETS / PRS) between consecutive ones.
+    scheme: str = "synchronous"
+    # interleaved only: the RL phase lengths, e.g. [50, 100, 150]; rl.steps is then their sum.
+    rl_phases: list[int] = field(default_factory=list)
+
+
+@dataclass
+class GuardConfig:
+    # Collapse guard: on a control-token alarm (ctrl/alarm) or when state/collapse passes
+    # `collapse_threshold`, roll back to the last healthy snapshot and act.
+    enabled: bool = False
+    # Act on ctrl/alarm.
+    on_alarm: bool = True
+    # Act when the fraction of collapsed assistant messages in a step exceeds this; 0 disables.
+    collapse_threshold: float = 0.3
+    # What to do after the rollback: sft (a corrective SFT phase, ETS-style, with the
+    # supervision.ets settings) | lower_lr (multiply the RL learning rate by lr_factor).
+    action: str = "sft"
+    # lower_lr: factor applied to the RL learning rate per action.
+    lr_factor: float = 0.5
+    # A healthy RL step (no alarm, collapse under the threshold) refreshes the snapshot every this
+    # many steps.
+    snapshot_every: int = 5
+    # Most guard actions in a run; after that the guard only logs.
+    max_actions: int = 3
+
+
+@dataclass
 class Config:
     # Run directory: metrics.jsonl, config.yaml, checkpoints/, events, summary.json.
     run_dir: str = "runs/demo"
@@ -241,6 +349,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
         # Dotted keys given explicitly (YAML file, overrides); the environment's own defaults
@@ -351,9 +462,77 @@ class Config:
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
             ("threads", self.threads >= 0, ">= 0"),
         ]
+        sup, sched, guard = self.supervision, self.schedule, self.guard
+        G = self.rl.group_size
+        checks += [
+            ("supervision.ops.k", 0 <= sup.ops.k < G, f"in [0, rl.group_size={G})"),
+            ("supervision.ops.shaping", sup.ops.shaping in ("clip", "luffy"), "clip or luffy"),
+            ("supervision.ops.gamma", sup.ops.gamma > 0, "> 0"),
+            (
+                "supervision.hbg.k",
+                0 <= sup.hbg.k and sup.hbg.k + sup.ops.k < G,
+                f">= 0, with supervision.ops.k below rl.group_size={G} (a group needs samples)",
+            ),
+            ("supervision.ets.window", sup.ets.window >= 1, ">= 1"),
+            ("supervision.ets.epochs", sup.ets.epochs >= 1, ">= 1"),
+            ("supervision.ets.lr", sup.ets.lr > 0, "> 0"),
+            ("supervision.ets.warmup_ratio", 0 <= sup.ets.warmup_ratio < 1, "in [0, 1)"),
+            ("supervision.ets.batch_size", sup.ets.batch_size >= 1, ">= 1"),
+            ("supervision.prs.reflector", bool(sup.prs.reflector), "builtin or a model directory"),
+            ("supervision.prs.max_reflection_tokens", sup.prs.max_reflection_tokens >= 1, ">= 1"),
+            ("supervision.mixed_sft.weight", sup.mixed_sft.weight >= 0, ">= 0"),
+            ("supervision.mixed_sft.final_weight", sup.mixed_sft.final_weight >= 0, ">= 0"),
+            (
+                "supervision.mixed_sft.schedule",
+                sup.mixed_sft.schedule in schedules,
+                f"one of {schedules}",
+            ),
+            ("supervision.mixed_sft.batch_size", sup.mixed_sft.batch_size >= 1, ">= 1"),
+            (
+                "schedule.scheme",
+                sched.scheme in ("synchronous", "interleaved"),
+                "synchronous or interleaved",
+            ),
+            ("schedule.rl_phases", all(n >= 1 for n in sched.rl_phases), "positive step counts"),
+            ("guard.collapse_threshold", 0 <= guard.collapse_threshold <= 1, "in [0, 1]"),
+            ("guard.action", guard.action in ("sft", "lower_lr"), "sft or lower_lr"),
+            ("guard.lr_factor", 0 < guard.lr_factor < 1, "in (0, 1)"),
+            ("guard.snapshot_every", guard.snapshot_every >= 1, ">= 1"),
+            ("guard.max_actions", guard.max_actions >= 0, ">= 0"),
+        ]
         for key, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"{key}: got {_get(self, key)!r}, expected {expected}")
+        corrective = sup.ets.enabled or sup.prs.enabled
+        if sched.scheme == "interleaved":
+            if not sched.rl_phases:
+                raise ConfigError(
+                    "schedule.rl_phases: the interleaved scheme needs the RL phase lengths, "
+                    "e.g. [50, 100, 150]"
+                )
+            if not corrective:
+                raise ConfigError(
+                    "schedule.scheme: interleaved runs ETS or PRS phases between RL phases; "
+                    "set supervision.ets.enabled=true or supervision.prs.enabled=true"
+                )
+            if "rl.steps" in self.explicit and self.rl.steps != sum(sched.rl_phases):
+                raise ConfigError(
+                    f"rl.steps: {self.rl.steps} differs from sum(schedule.rl_phases) = "
+                    f"{sum(sched.rl_phases)}; leave rl.steps out under the interleaved scheme"
+                )
+            self.rl.steps = sum(sched.rl_phases)
+        else:
+            if sched.rl_phases:
+                raise ConfigError(
+                    "schedule.rl_phases: only the interleaved scheme has RL phases; "
+                    "set schedule.scheme=interleaved or drop the key"
+                )
+            if corrective:
+                key = "supervision.ets.enabled" if sup.ets.enabled else "supervision.prs.enabled"
+                raise ConfigError(
+                    f"{key}: ETS and PRS run between RL phases; set schedule.scheme=interleaved "
+                    "and schedule.rl_phases"
+                )
         if self.rollout.max_turn_tokens >= self.rollout.max_total_tokens:
             raise ConfigError(
                 f"rollout.max_turn_tokens: {self.rollout.max_turn_tokens} must be smaller than "

@@ -74,7 +74,7 @@ def test_dynamic_sampling(tiny_policy, world, mode, expected_groups):
     )
     tasks = world.tasks("train", 40)
     stream = T.task_stream(tasks, seed=0, start=0)
-    state = {"step": 0, "position": 0}
+    state = {"step": 0, "rl_position": 0}
     kept, sampled = T.sample_groups(
         cfg, HalfRight(tok, tasks), tok, world, stream, Limits(max_total_tokens=4096), state
     )
@@ -83,7 +83,7 @@ def test_dynamic_sampling(tiny_policy, world, mode, expected_groups):
     if mode != "off":
         for g in groups:  # every kept group has reward variance
             assert len({t.reward for t in kept if t.group_id == g}) == 2
-    assert state["position"] == len(sampled) // 4
+    assert state["rl_position"] == len(sampled) // 4
 
 
 def test_policy_update_with_kl_and_several_updates(tiny_policy, world):
@@ -96,6 +96,7 @@ def test_policy_update_with_kl_and_several_updates(tiny_policy, world):
     for i, t in enumerate(trajs):
         t.group_id = 0
         t.info["advantage"] = 1.0 if i % 2 else -1.0
+        t.source = "policy"  # stand-ins for samples: the logprob gap is measured on them
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = T.make_optimizer(model, cfg, 1e-3)
     im_end, tool_call = tok.convert_tokens_to_ids(["<|im_end|>", "<tool_call>"])
@@ -257,6 +258,7 @@ def test_truncated_importance_sampling_weights_tokens_by_the_capped_ratio(tiny_p
     gaps = [1.0, 0.25, -0.5, 1.0]
     for i, (t, gap) in enumerate(zip(trajs, gaps)):
         t.group_id, t.info["advantage"] = 0, (1.0 if i % 2 else -0.5)
+        t.source = "policy"  # stand-ins for samples (expert rows get weight 1)
         batch = T.collate([t], tok.pad_token_id)
         with torch.no_grad():
             lp, _, _ = T.token_stats(model, batch, packed=True)
@@ -300,7 +302,7 @@ def test_format_reward_adds_the_healthy_fraction(tiny_policy, world):
         stream = T.task_stream(tasks, seed=0, start=0)
         _, sampled = T.sample_groups(
             cfg, HalfRight(tok, tasks), tok, world, stream, Limits(max_total_tokens=4096),
-            {"step": 0, "position": 0},
+            {"step": 0, "rl_position": 0},
         )  # fmt: skip
         rewards[w] = [(t.reward, t.success, t.info["states"]) for t in sampled]
     for (r0, s0, states), (r1, s1, _) in zip(rewards[0.0], rewards[0.5]):

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str) -> Iterator[None]:
+    """An NVTX range named `fastrl/<name>` for Nsight Systems on CUDA; nothing elsewhere."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    torch.cuda.nvtx.range_push(f"fastrl/{name}")
+    try:
+        yield
+    finally:
+        torch.cuda.nvtx.range_pop()
 
 
 class MetricLogger:

@@ -53,8 +53,12 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     *,
     keep: int = 2,
+    point_latest: bool = True,
 ) -> Path:
-    """Write `run_dir/checkpoints/<tag>` atomically and point `latest` at it."""
+    """Write `run_dir/checkpoints/<tag>` atomically and point `latest` at it.
+
+    With `point_latest=False` (the guard's healthy snapshot) `latest` and pruning are untouched;
+    only `step_*` checkpoints are ever pruned."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / tag
@@ -77,14 +81,28 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _atomic_write_text(root / "latest", tag)
-    _prune(root, keep, current=tag)
+    if point_latest:
+        _atomic_write_text(root / "latest", tag)
+        _prune(root, keep, current=tag)
+    return final
+
+
+def promote_checkpoint(root: str | Path, src: str, dst: str) -> Path:
+    """Rename checkpoint `root/src` to `root/dst`, replacing it; `dst` always names a complete
+    checkpoint (the old one until the rename, then the new one)."""
+    root = Path(root)
+    final = root / dst
+    old = root / f".{dst}.old{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(root / src, final)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def _prune(root: Path, keep: int, current: str) -> None:
     # Tags are zero-padded step numbers, so name order is age order.
-    done = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     for path in done[: max(0, len(done) - keep)]:
         if path.name != current:
             shutil.rmtree(path, ignore_errors=True)
@@ -101,11 +119,15 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def load_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
+    *,
+    restore_rng: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Load weights into `model`; return (trainer_state, optimizer_state) and restore RNG states."""
+    """Load weights into `model`; return (trainer_state, optimizer_state) and restore RNG states
+    (unless `restore_rng=False`: a rollback keeps drawing fresh samples)."""
     path = Path(path)
     load_model(model, str(path / "model.safetensors"))
     blob = torch.load(path / "train_state.pt", weights_only=False)
-    set_rng_state(blob["rng"])
+    if restore_rng:
+        set_rng_state(blob["rng"])
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     return trainer_state, blob["optimizer"]

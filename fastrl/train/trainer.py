@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,20 +37,38 @@ from safetensors.torch import save_model as save_model_weights
 
 from fastrl.algo.advantages import group_advantages, zero_variance_groups
 from fastrl.algo.losses import get_policy_loss, sft_loss
+from fastrl.algo.schedule import Phase, build_plan, describe
+from fastrl.algo.supervision import (
+    FailureLog,
+    corrective_data,
+    get_reflector,
+    group_sources,
+    hint_suffixes,
+    luffy_loss,
+    mixed_sft_loss,
+    mixed_sft_weight,
+    play_experts,
+)
 from fastrl.config import Config, ConfigError, save_config
 from fastrl.envs import get_world
 from fastrl.envs.base import Task
 from fastrl.envs.formats import get_format
 from fastrl.models import apply_liger, control_token_ids, load_model
 from fastrl.monitor.control_tokens import SpikeAlarm, gradient_split
-from fastrl.monitor.log import MetricLogger
+from fastrl.monitor.guard import SNAPSHOT_CANDIDATE, SNAPSHOT_TAG, Decision, Guard
+from fastrl.monitor.log import MetricLogger, nvtx_range
 from fastrl.monitor.states import healthy_fraction, state_fractions
 from fastrl.ops import fused_linear_token_logprobs, pack, position_ids
 from fastrl.rollout.engines import HFEngine, ScriptedEngine
 from fastrl.rollout.engines.vllm import VLLMEngine, vllm_available
 from fastrl.rollout.loop import Limits, run_episodes
 from fastrl.rollout.types import Trajectory
-from fastrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastrl.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    promote_checkpoint,
+    save_checkpoint,
+)
 from fastrl.train.packing import ATTN_IMPLEMENTATION, choose_kernel, first_fit_decreasing, no_mask
 from fastrl.train.packing import register as register_packed_attention
 
@@ -189,6 +208,7 @@ class Batch:
     target_mask: torch.Tensor  # [B, T] bool: position predicts a trained token
     labels: torch.Tensor  # [B, T] next token (0 where not a target)
     engine_logprobs: torch.Tensor  # [B, T] engine logprob of the label token
+    sampled: torch.Tensor  # [B] bool: the row's tokens were sampled from the plain prompt
 
 
 def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
@@ -208,7 +228,9 @@ def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
         if t.response_ids:
             target_mask[row, p - 1 : n - 1] = torch.tensor(t.loss_mask, dtype=torch.bool)
             engine_lp[row, p - 1 : n - 1] = torch.tensor(t.engine_logprobs, dtype=torch.float32)
-    return Batch(input_ids, attention_mask, target_mask, labels, engine_lp)
+    # Expert members have no engine logprobs; hinted members' were taken in another context.
+    sampled = torch.tensor([t.source == "policy" for t in trajs], dtype=torch.bool)
+    return Batch(input_ids, attention_mask, target_mask, labels, engine_lp, sampled)
 
 
 def micro_batches(
@@ -418,12 +440,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             raise ConfigError(str(e)) from e
     model.train()
     log.info("training forward: %s", describe_forward(cfg, model))
-    pad_id = tokenizer.pad_token_id
+    plan = build_plan(cfg)
+    log.info("phase plan: %s", describe(plan) or "nothing to train")
     limits = limits_of(cfg)
-    engine, engine_used = build_engine(cfg, model, model_dir, pad_id)
-    ctrl = control_token_ids(tokenizer)
-    control_ids = [ctrl[k] for k in CONTROL_KEYS]
-    newline_id = tokenizer.encode("\n", add_special_tokens=False)[0]
+    engine, engine_used = build_engine(cfg, model, model_dir, tokenizer.pad_token_id)
     train_tasks = world.tasks("train", cfg.env.train_tasks, seed=cfg.env.seed)
     eval_sets = {
         split: world.tasks(split, cfg.env.eval_tasks, seed=cfg.env.seed)
@@ -432,94 +452,71 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
 
     # Where a resumed run picks up.
     state: dict[str, Any] = {
-        "phase": "sft",
-        "phase_step": 0,
-        "step": 0,
-        "position": 0,
+        "plan_index": 0,  # the phase of `plan` being run
+        "phase_step": 0,  # optimizer steps done inside it
+        "step": 0,  # metric rows written (every SFT and RL step)
+        "rl_step": 0,  # RL steps done over all RL phases
+        "sft_position": 0,  # task streams of the warm-up, RL sampling and mixed SFT
+        "rl_position": 0,
+        "mix_position": 0,
         "results": {},
     }
-    optimizer_state = None
+    saved_optimizers = None
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
-        state, optimizer_state = load_checkpoint(ckpt, model)
-        log.info("resumed from %s (phase %s, step %d)", ckpt, state["phase"], state["step"])
-    total_steps = cfg.sft.steps + cfg.rl.steps
+        state, saved_optimizers = load_checkpoint(ckpt, model)
+        where = plan[state["plan_index"]].name if state["plan_index"] < len(plan) else "the end"
+        log.info("resumed from %s (%s, step %d)", ckpt, where, state["step"])
+    # Corrective phases are as long as their data, known only when they start.
+    progress_total = sum(p.steps for p in plan if p.kind != "corrective") or None
     logger = MetricLogger(
         run_dir,
         tensorboard=cfg.tensorboard,
-        progress_total=total_steps if cfg.progress else None,
+        progress_total=progress_total if cfg.progress else None,
         resume_step=state["step"] if ckpt is not None else None,
     )
+    run = Run(
+        cfg=cfg,
+        model=model,
+        tokenizer=tokenizer,
+        world=world,
+        engine=engine,
+        limits=limits,
+        state=state,
+        logger=logger,
+        optimizers=Optimizers(model, cfg, saved_optimizers),
+        train_tasks=train_tasks,
+        eval_sets=eval_sets,
+    )
 
-    def checkpoint(optimizer) -> None:
-        save_checkpoint(
-            run_dir,
-            f"step_{state['step']:06d}",
-            model,
-            optimizer,
-            state,
-            keep=cfg.keep_checkpoints,
-        )
+    def baseline() -> None:  # test success of the policy RL starts from
+        if "sft_success" not in state["results"]:
+            state["results"]["sft_success"] = run.evaluate("test")["success"]
+            log.info("test success before RL: %.3f", state["results"]["sft_success"])
 
-    def evaluate(split: str) -> dict[str, Any]:
-        engine.sync_weights()  # generate with the weights the trainer has now
-        summary, _ = evaluate_policy(
-            engine, tokenizer, world, eval_sets[split], limits, batch_size=cfg.rollout.batch_size
-        )
-        return summary
-
-    # ----------------------------------------------------------------------- SFT phase
-    if state["phase"] == "sft":
-        if cfg.sft.steps > 0:
-            sft_phase(
-                cfg,
-                model,
-                tokenizer,
-                world,
-                demonstrated(cfg, train_tasks),
-                limits,
-                state,
-                optimizer_state,
-                logger,
-                checkpoint,
-            )
-            optimizer_state = None
-        state["results"]["sft_success"] = evaluate("test")["success"]
-        log.info("test success after SFT: %.3f", state["results"]["sft_success"])
-        state.update(phase="rl", phase_step=0, position=0)
-        checkpoint(None)
-
-    # ----------------------------------------------------------------------- RL phase
-    if state["phase"] == "rl":
-        if cfg.rl.steps > 0:
-            rl_phase(
-                cfg,
-                model,
-                tokenizer,
-                world,
-                engine,
-                train_tasks,
-                limits,
-                state,
-                optimizer_state,
-                logger,
-                checkpoint,
-                control_ids,
-                newline_id,
-                evaluate,
-            )
-        state.update(phase="done")
-        checkpoint(None)
+    while state["plan_index"] < len(plan):
+        phase = plan[state["plan_index"]]
+        if phase.kind == "warmup":
+            sft_phase(run, phase, demonstrated(cfg, train_tasks))
+        else:
+            baseline()
+            if phase.kind == "rl":
+                rl_phase(run, phase)
+            else:
+                corrective_phase(run, phase.name, since=state["rl_step"] - phase.steps + 1)
+        state.update(plan_index=state["plan_index"] + 1, phase_step=0)
+        run.checkpoint()
+    baseline()
 
     # ----------------------------------------------------------------------- final evaluation
     results = state["results"]
     if "rl_success" not in results:
         for split in cfg.eval.splits:
-            results[f"{split}_success" if split != "test" else "rl_success"] = evaluate(split)[
+            results[f"{split}_success" if split != "test" else "rl_success"] = run.evaluate(split)[
                 "success"
             ]
         state["results"] = results
-        checkpoint(None)
+        run.checkpoint()
     logger.close()
     final_dir = run_dir / "final"
     model.save_pretrained(final_dir)
@@ -540,55 +537,188 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     return summary
 
 
-def sft_phase(
-    cfg, model, tokenizer, world, train_tasks, limits, state, optimizer_state, logger, checkpoint
-) -> None:
-    optimizer = make_optimizer(model, cfg, cfg.sft.lr)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    warmup = int(cfg.sft.warmup_ratio * cfg.sft.steps)
-    stream = task_stream(train_tasks, cfg.seed, state["position"])
-    pad_id = tokenizer.pad_token_id
-    while state["phase_step"] < cfg.sft.steps:
-        t0 = time.time()
-        tasks = []
+class Optimizers:
+    """The run's AdamW optimizers by role (`sft` for an SFT phase, `rl`), saved together.
+
+    The RL optimizer lives through every RL phase of an interleaved plan; an SFT phase's is made
+    fresh for the phase and dropped at its end. A resumed run gets back the saved states.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, saved: dict | None = None):
+        self.model, self.cfg = model, cfg
+        self.saved = dict(saved or {})
+        self.live: dict[str, torch.optim.AdamW] = {}
+
+    def get(self, role: str, lr: float) -> torch.optim.AdamW:
+        if role not in self.live:
+            opt = make_optimizer(self.model, self.cfg, lr)
+            if role in self.saved:
+                opt.load_state_dict(self.saved.pop(role))
+            self.live[role] = opt
+        return self.live[role]
+
+    def drop(self, role: str) -> None:
+        self.live.pop(role, None)
+        self.saved.pop(role, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.saved, **{role: opt.state_dict() for role, opt in self.live.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the given roles (a guard rollback); live optimizers of other roles stay."""
+        for role, opt_state in state.items():
+            if role in self.live:
+                self.live[role].load_state_dict(opt_state)
+            else:
+                self.saved[role] = opt_state
+
+
+@dataclass
+class Run:
+    """What every phase of a run shares."""
+
+    cfg: Config
+    model: torch.nn.Module
+    tokenizer: Any
+    world: Any
+    engine: Any
+    limits: Limits
+    state: dict[str, Any]
+    logger: MetricLogger
+    optimizers: Optimizers
+    train_tasks: list[Task]
+    eval_sets: dict[str, list[Task]]
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def checkpoint(self, tag: str | None = None) -> Path:
+        """Save weights, optimizers and trainer state as `step_<step>` (named by `latest`), or
+        under `tag` (the guard's snapshots, which `latest` never names)."""
+        return save_checkpoint(
+            self.cfg.run_dir,
+            tag or f"step_{self.state['step']:06d}",
+            self.model,
+            self.optimizers,
+            self.state,
+            keep=self.cfg.keep_checkpoints,
+            point_latest=tag is None,
+        )
+
+    def evaluate(self, split: str) -> dict[str, Any]:
+        self.engine.sync_weights()  # generate with the weights the trainer has now
+        summary, _ = evaluate_policy(
+            self.engine,
+            self.tokenizer,
+            self.world,
+            self.eval_sets[split],
+            self.limits,
+            batch_size=self.cfg.rollout.batch_size,
+        )
+        return summary
+
+
+def sft_step(run: Run, optimizer, trajs: list[Trajectory], lr: float) -> dict[str, Any]:
+    """One optimizer step of the SFT loss on `trajs`; returns its metrics."""
+    cfg = run.cfg
+    t0 = time.time()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    n_tokens = sum(sum(t.loss_mask) for t in trajs)
+    total_loss = 0.0
+    for group in micro_batches(trajs, cfg.optim.max_tokens_per_microbatch, cfg.optim.packing):
+        batch = collate(group, run.pad_id)
+        with nvtx_range("forward"):
+            logp, _, _ = token_stats(run.model, batch, packed=cfg.optim.packing)
+        if cfg.sft.loss_agg == "token-mean":
+            weight = batch.target_mask.sum().item() / max(1, n_tokens)
+        else:
+            weight = len(group) / len(trajs)
+        loss = sft_loss(logp, batch.target_mask.float(), loss_agg=cfg.sft.loss_agg) * weight
+        with nvtx_range("backward"):
+            loss.backward()
+        total_loss += loss.item()
+    with nvtx_range("optimizer"):
+        grad_norm = clip_and_step(run.model, optimizer, cfg.optim.grad_clip)
+    dt = time.time() - t0
+    return {
+        "loss": total_loss,
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "time/train": dt,
+        "throughput/tokens_per_s": n_tokens / dt,
+    }
+
+
+def log_sft_row(run: Run, name: str, stats: dict[str, Any], optimizer) -> None:
+    state, cfg = run.state, run.cfg
+    state["phase_step"] += 1
+    state["step"] += 1
+    row = {"step": state["step"], "phase": "sft", "phase/name": name, **stats}
+    limit = cfg.optim.max_nonfinite_steps
+    note_nonfinite(state, int(not math.isfinite(stats["grad_norm"])), limit, row)
+    run.logger.log(row)
+    if cfg.checkpoint_every and state["phase_step"] % cfg.checkpoint_every == 0:
+        run.checkpoint()
+
+
+def sft_phase(run: Run, phase: Phase, tasks: list[Task]) -> None:
+    """The SFT warm-up: `phase.steps` steps of `sft.batch_size` expert trajectories."""
+    cfg, state = run.cfg, run.state
+    optimizer = run.optimizers.get("sft", cfg.sft.lr)
+    warmup = int(cfg.sft.warmup_ratio * phase.steps)
+    stream = task_stream(tasks, cfg.seed, state["sft_position"])
+    while state["phase_step"] < phase.steps:
+        batch_tasks = []
         for _ in range(cfg.sft.batch_size):
             pos, task = next(stream)
-            tasks.append(task)
-        state["position"] = pos + 1
-        trajs = expert_trajectories(tokenizer, world, tasks, limits)
-        lr = cfg.sft.lr * lr_factor(state["phase_step"], cfg.sft.steps, warmup, cfg.sft.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        n_tokens = sum(sum(t.loss_mask) for t in trajs)
-        total_loss = 0.0
-        for group in micro_batches(trajs, cfg.optim.max_tokens_per_microbatch, cfg.optim.packing):
-            batch = collate(group, pad_id)
-            logp, _, _ = token_stats(model, batch, packed=cfg.optim.packing)
-            if cfg.sft.loss_agg == "token-mean":
-                weight = batch.target_mask.sum().item() / max(1, n_tokens)
-            else:
-                weight = len(group) / len(trajs)
-            loss = sft_loss(logp, batch.target_mask.float(), loss_agg=cfg.sft.loss_agg) * weight
-            loss.backward()
-            total_loss += loss.item()
-        grad_norm = clip_and_step(model, optimizer, cfg.optim.grad_clip)
-        state["phase_step"] += 1
-        state["step"] += 1
-        dt = time.time() - t0
-        row = {
-            "step": state["step"],
-            "phase": "sft",
-            "loss": total_loss,
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "time/train": dt,
-            "throughput/tokens_per_s": n_tokens / dt,
-        }
-        note_nonfinite(state, int(not math.isfinite(grad_norm)), cfg.optim.max_nonfinite_steps, row)
-        logger.log(row)
-        if cfg.checkpoint_every and state["phase_step"] % cfg.checkpoint_every == 0:
-            checkpoint(optimizer)
+            batch_tasks.append(task)
+        state["sft_position"] = pos + 1
+        trajs = expert_trajectories(run.tokenizer, run.world, batch_tasks, run.limits)
+        lr = cfg.sft.lr * lr_factor(state["phase_step"], phase.steps, warmup, cfg.sft.schedule)
+        log_sft_row(run, phase.name, sft_step(run, optimizer, trajs, lr), optimizer)
+    run.optimizers.drop("sft")
+
+
+def corrective_phase(run: Run, name: str, since: int) -> None:
+    """ETS / PRS: SFT on the expert trajectories of tasks with a failed rollout at RL step >=
+    `since` (and with PRS on one reflection per such task), `supervision.ets` epochs and lr."""
+    cfg, state = run.cfg, run.state
+    ets = cfg.supervision.ets
+    failures = FailureLog()
+    failures.load_state_dict(state.get("failures", {}))
+    prs = cfg.supervision.prs
+    reflector = get_reflector(prs.reflector, prs.max_reflection_tokens) if prs.enabled else None
+    tasks_by_id = {t.id: t for t in run.train_tasks}
+    data, n_failed = corrective_data(
+        run.tokenizer, run.world, tasks_by_id, failures, max(1, since), run.limits, reflector
+    )
+    n_reflections = sum(1 for t in data if t.source == "reflection")
+    steps = math.ceil(len(data) * ets.epochs / ets.batch_size)
+    log.info(
+        "%s: SFT on %d failed tasks (%d expert trajectories, %d reflections), %d steps",
+        name,
+        n_failed,
+        len(data) - n_reflections,
+        n_reflections,
+        steps,
+    )
+    if not steps:
+        return
+    rng = np.random.default_rng(cfg.seed + state["rl_step"])
+    order = np.concatenate([rng.permutation(len(data)) for _ in range(ets.epochs)])
+    optimizer = run.optimizers.get("sft", ets.lr)
+    warmup = int(ets.warmup_ratio * steps)
+    while state["phase_step"] < steps:
+        k = state["phase_step"]
+        chosen = [data[int(i)] for i in order[k * ets.batch_size : (k + 1) * ets.batch_size]]
+        lr = ets.lr * lr_factor(k, steps, warmup, "constant")
+        stats = sft_step(run, optimizer, chosen, lr)
+        stats.update({"sft/failed_tasks": n_failed, "sft/reflections": n_reflections})
+        log_sft_row(run, name, stats, optimizer)
+    run.optimizers.drop("sft")
+    run.engine.sync_weights()
 
 
 def clip_and_step(model, optimizer, grad_clip: float) -> float:
@@ -632,16 +762,21 @@ def note_nonfinite(state: dict[str, Any], skipped: int, limit: int, row: dict) -
         )
 
 
-def sample_groups(cfg, engine, tokenizer, world, stream, limits, state):
-    """Play `group_size` episodes per task and apply dynamic sampling.
+def sample_groups(
+    cfg, engine, tokenizer, world, stream, limits, state
+) -> tuple[list[Trajectory], list[Trajectory]]:
+    """Play one group per task (sampled, hinted and expert members) and apply dynamic sampling.
 
-    Returns (kept, sampled): the trajectories to train on and every trajectory played.
+    Returns (kept, played): the trajectories to train on and every trajectory played.
     """
     G = cfg.rl.group_size
+    sup = cfg.supervision
+    sources = group_sources(G, sup.ops.k, sup.hbg.k)
+    sampled_sources = [s for s in sources if s != "expert"]
     kept: list[Trajectory] = []
     n_groups = 0
     rounds = 1 + (cfg.rl.max_refill_rounds if cfg.rl.dynamic_sampling == "refill" else 0)
-    sampled = []
+    played: list[Trajectory] = []
     for _ in range(rounds):
         need = cfg.rl.prompts_per_step - n_groups
         if need <= 0:
@@ -650,22 +785,35 @@ def sample_groups(cfg, engine, tokenizer, world, stream, limits, state):
         for _ in range(need):
             pos, task = next(stream)
             tasks.append(task)
-        state["position"] = pos + 1
-        group_base = state["step"] * 10_000 + len(sampled)
+        state["rl_position"] = pos + 1
+        group_base = state["step"] * 10_000 + len(played)
+        episodes = [t for t in tasks for _ in sampled_sources]
+        episode_sources = sampled_sources * need
         trajs = run_episodes(
             engine,
             tokenizer,
-            [t for t in tasks for _ in range(G)],
+            episodes,
             world.make_env,
             limits=limits,
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
-            group_ids=[group_base + i for i in range(need) for _ in range(G)],
+            group_ids=[group_base + i for i in range(need) for _ in sampled_sources],
+            system_suffix=hint_suffixes(episodes, episode_sources) if sup.hbg.k else None,
         )
+        for t, source in zip(trajs, episode_sources):
+            t.source = source
+        if sup.ops.k:
+            trajs += play_experts(
+                tokenizer,
+                world,
+                [t for t in tasks for _ in range(sup.ops.k)],
+                limits,
+                group_ids=[group_base + i for i in range(need) for _ in range(sup.ops.k)],
+            )
         if cfg.rl.format_reward:  # before dynamic sampling, which looks at reward variance
             for t in trajs:
                 t.reward += cfg.rl.format_reward * healthy_fraction(t.info.get("states", []))
-        sampled += trajs
+        played += trajs
         if cfg.rl.dynamic_sampling == "off":
             kept, n_groups = trajs, need
             break
@@ -674,29 +822,31 @@ def sample_groups(cfg, engine, tokenizer, world, stream, limits, state):
         flat = zero_variance_groups(rewards, gids)
         good = [t for t, f in zip(trajs, flat.tolist()) if not f]
         kept += good
-        n_groups += len(good) // G
-    return kept, sampled
+        n_groups += len({t.group_id for t in good})
+    return kept, played
 
 
-def rl_phase(
-    cfg,
-    model,
-    tokenizer,
-    world,
-    engine,
-    train_tasks,
-    limits,
-    state,
-    optimizer_state,
-    logger,
-    checkpoint,
-    control_ids,
-    newline_id,
-    evaluate,
-) -> None:
-    optimizer = make_optimizer(model, cfg, cfg.rl.lr)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+def rollout_metrics(played: list[Trajectory]) -> dict[str, float]:
+    """Reward, success and shape of the sampled episodes; hinted and expert members apart."""
+    own = [t for t in played if t.source == "policy"]
+    sampled = [t for t in played if t.source != "expert"]
+    row: dict[str, float] = {
+        "reward/mean": float(np.mean([t.reward for t in own])),
+        "success/mean": float(np.mean([t.success for t in own])),
+        "rollout/truncated": float(np.mean([t.truncated for t in own])),
+        "rollout/turns": float(np.mean([len(t.turn_spans) for t in own])),
+    }
+    for source in ("hinted", "expert"):
+        members = [t for t in played if t.source == source]
+        if members:
+            row[f"supervision/{source}_success"] = float(np.mean([t.success for t in members]))
+    row.update(state_fractions([s for t in sampled for s in t.info.get("states", [])]))
+    return row
+
+
+def rl_phase(run: Run, phase: Phase) -> None:
+    cfg, model, state = run.cfg, run.model, run.state
+    optimizer = run.optimizers.get("rl", cfg.rl.lr)
     ref_model = None
     if cfg.rl.kl_coef > 0:
         # The reference is the policy at the start of RL; it is saved once so that a resumed run
@@ -710,34 +860,68 @@ def rl_phase(
             save_model_weights(ref_model, str(tmp))
             os.replace(tmp, ref_path)
     loss_fn = get_policy_loss(cfg.rl.loss)
-    stream = task_stream(train_tasks, cfg.seed + 1, state["position"])
-    pad_id = tokenizer.pad_token_id
-    T = cfg.rollout.temperature
-    engine.sync_weights()  # after SFT or a resume, the engine still holds older weights
+    stream = task_stream(run.train_tasks, cfg.seed + 1, state["rl_position"])
+    mixed = cfg.supervision.mixed_sft
+    mix_stream = task_stream(
+        demonstrated(cfg, run.train_tasks), cfg.seed + 2, state["mix_position"]
+    )
+    ctrl = control_token_ids(run.tokenizer)
+    control_ids = [ctrl[k] for k in CONTROL_KEYS]
+    newline_id = run.tokenizer.encode("\n", add_special_tokens=False)[0]
+    run.engine.sync_weights()  # after SFT or a resume, the engine still holds older weights
     m = cfg.monitor
     alarm = SpikeAlarm(m.alarm_threshold, m.alarm_min_history, m.alarm_alpha)
     alarm.load_state_dict(state.get("monitor", {}))
-    while state["phase_step"] < cfg.rl.steps:
+    failures = FailureLog()
+    failures.load_state_dict(state.get("failures", {}))
+    guard = Guard(cfg.guard) if cfg.guard.enabled else None
+    if guard is not None:
+        guard.load_state_dict(state.get("guard", {}))
+    if guard is not None and guard.snapshot_step is None and guard.candidate_step is None:
+        # The weights RL starts from: promoted to the healthy snapshot once a step confirms them.
+        guard.candidate_step = state["step"]
+        state["guard"] = guard.state_dict()
+        run.checkpoint(SNAPSHOT_CANDIDATE)
+    window = cfg.supervision.ets.window
+    while state["phase_step"] < phase.steps:
         # -- rollout
         t0 = time.time()
-        engine.wake()
-        trajs, sampled = sample_groups(cfg, engine, tokenizer, world, stream, limits, state)
-        engine.sleep()
+        run.engine.wake()
+        with nvtx_range("rollout"):
+            trajs, played = sample_groups(
+                cfg, run.engine, run.tokenizer, run.world, stream, run.limits, state
+            )
+        run.engine.sleep()
         t_rollout = time.time() - t0
+        rl_step = state["rl_step"] + 1
+        failures.record(rl_step, played)
+        failures.forget_before(rl_step - window + 1)
+        state["failures"] = failures.state_dict()
 
-        # -- advantages
+        # -- advantages and update
         t1 = time.time()
-        row: dict[str, Any] = {"step": state["step"] + 1, "phase": "rl"}
-        row["reward/mean"] = float(np.mean([t.reward for t in sampled]))
-        row["success/mean"] = float(np.mean([t.success for t in sampled]))
-        row["rollout/truncated"] = float(np.mean([t.truncated for t in sampled]))
-        row["rollout/turns"] = float(np.mean([len(t.turn_spans) for t in sampled]))
-        row["rollout/kept"] = len(trajs) / max(1, len(sampled))
-        row.update(state_fractions([s for t in sampled for s in t.info.get("states", [])]))
+        row: dict[str, Any] = {"step": state["step"] + 1, "phase": "rl", "phase/name": phase.name}
+        row.update(rollout_metrics(played))
+        row["rollout/kept"] = len(trajs) / max(1, len(played))
+        experts = []
+        mu = 0.0
+        if mixed.weight > 0 or mixed.final_weight > 0:
+            mu = mixed_sft_weight(
+                mixed.weight, mixed.final_weight, mixed.schedule, state["rl_step"], cfg.rl.steps
+            )
+            row["sft/mixed_weight"] = mu
+        if mu > 0:
+            chosen = []
+            for _ in range(mixed.batch_size):
+                pos, task = next(mix_stream)
+                chosen.append(task)
+            state["mix_position"] = pos + 1
+            experts = expert_trajectories(run.tokenizer, run.world, chosen, run.limits)
         if trajs:
             assign_advantages(trajs, cfg.rl.advantage, cfg.rl.negative_weight)
             trained = [t for t in trajs if not (cfg.rl.mask_truncated and t.truncated)]
             row["rollout/masked_truncated"] = 1 - len(trained) / len(trajs)
+            lr_scale = guard.lr_scale if guard is not None else 1.0
             stats = policy_update(
                 cfg,
                 model,
@@ -746,11 +930,14 @@ def rl_phase(
                 loss_fn,
                 trained,
                 trajs,
-                pad_id,
-                T,
+                run.pad_id,
+                cfg.rollout.temperature,
                 control_ids,
                 newline_id,
-                state["phase_step"],
+                state["rl_step"],
+                lr_scale=lr_scale,
+                experts=experts,
+                mixed_weight=mu,
             )
             row.update(stats)
         row.update(alarm.update(row))
@@ -759,20 +946,51 @@ def rl_phase(
         note_nonfinite(state, int(row.get("skipped_updates", 0)), limit, row)
         state["phase_step"] += 1
         state["step"] += 1
+        state["rl_step"] = rl_step
         row["time/rollout"] = t_rollout
         row["time/train"] = time.time() - t1
         # vLLM: the new weights are streamed into the engine in place. HF: the engine generates
         # with the trainer's own parameters, so only its cached keys and values are dropped.
         t2 = time.time()
-        engine.sync_weights()
+        with nvtx_range("sync"):
+            run.engine.sync_weights()
         row["time/sync"] = time.time() - t2
-        n_tokens = sum(t.num_tokens for t in sampled)
+        n_tokens = sum(t.num_tokens for t in played)
         row["throughput/tokens_per_s"] = n_tokens / max(1e-9, time.time() - t0)
         if cfg.eval.every and state["phase_step"] % cfg.eval.every == 0:
-            row["eval/test_success"] = evaluate("test")["success"]
-        logger.log(row)
+            row["eval/test_success"] = run.evaluate("test")["success"]
+        decision = guard.observe(state["step"], row) if guard is not None else None
+        run.logger.log(row)
+        if decision is not None:
+            act_on(run, guard, decision)
         if cfg.checkpoint_every and state["phase_step"] % cfg.checkpoint_every == 0:
-            checkpoint(optimizer)
+            run.checkpoint()
+
+
+def act_on(run: Run, guard: Guard, decision: Decision) -> None:
+    """Carry out the guard's decision after an RL step (its metrics are already logged)."""
+    state = run.state
+    state["guard"] = guard.state_dict()
+    root = Path(run.cfg.run_dir) / "checkpoints"
+    if decision.promote:  # the candidate's weights produced this healthy step
+        promote_checkpoint(root, SNAPSHOT_CANDIDATE, SNAPSHOT_TAG)
+    if decision.discard:
+        shutil.rmtree(root / SNAPSHOT_CANDIDATE, ignore_errors=True)
+    if decision.save_candidate:
+        run.checkpoint(SNAPSHOT_CANDIDATE)
+    if decision.rollback:
+        _, saved = load_checkpoint(root / SNAPSHOT_TAG, run.model, restore_rng=False)
+        if saved and "rl" in saved:
+            run.optimizers.load_state_dict({"rl": saved["rl"]})
+        run.engine.sync_weights()
+        if decision.action == "sft":
+            # The RL phase's own step counter is kept aside while the corrective steps count.
+            phase_step = state["phase_step"]
+            state["phase_step"] = 0
+            since = state["rl_step"] - run.cfg.supervision.ets.window + 1
+            corrective_phase(run, "guard_sft", since)
+            state["phase_step"] = phase_step
+    state["guard"] = guard.state_dict()
 
 
 def assign_advantages(trajs: list[Trajectory], estimator: str, negative_weight: float) -> None:
@@ -799,15 +1017,25 @@ def policy_update(
     control_ids,
     newline_id,
     phase_step,
+    *,
+    lr_scale: float = 1.0,
+    experts: list[Trajectory] | None = None,
+    mixed_weight: float = 0.0,
 ) -> dict[str, float]:
     """`updates_per_step` optimizer steps over mini-batches of `trajs`; returns step metrics.
 
     `sampled` (a superset of `trajs`) is measured instead when no trajectory carries a signal.
+    `phase_step` is the RL step (over every RL phase) the learning-rate schedule is at;
+    `lr_scale` multiplies the rate (the guard's `lower_lr`). With `experts` and `mixed_weight`
+    (mu), each optimizer step adds mu times the SFT loss of a share of `experts` (mixed SFT).
     """
     rl = cfg.rl
     budget, packing = cfg.optim.max_tokens_per_microbatch, cfg.optim.packing
     uses_all_tokens = rl.kl_coef > 0 or rl.entropy_coef > 0
-    lr = rl.lr * lr_factor(phase_step, rl.steps, rl.warmup_steps, rl.schedule)
+    ops = cfg.supervision.ops
+    luffy = ops.k > 0 and ops.shaping == "luffy"
+    experts = experts if mixed_weight > 0 else []
+    lr = rl.lr * lr_factor(phase_step, rl.steps, rl.warmup_steps, rl.schedule) * lr_scale
     for group in optimizer.param_groups:
         group["lr"] = lr
     minis = [trajs[i :: rl.updates_per_step] for i in range(rl.updates_per_step)]
@@ -831,16 +1059,22 @@ def policy_update(
         counts[key] = counts.get(key, 0.0) + weight
 
     grad_norms = []
-    for mini in minis:
+    expert_minis = [experts[i :: len(minis)] for i in range(len(minis))]
+    for mini, expert_mini in zip(minis, expert_minis):
         n_tokens = sum(sum(t.loss_mask) for t in mini)
         n_rows = sum(1 for t in mini if any(t.loss_mask))
         active = [t for t in mini if any(t.loss_mask) and (uses_all_tokens or t.info["advantage"])]
-        if not active or n_tokens == 0:
+        if (not active or n_tokens == 0) and not expert_mini:
             continue
-        for group in micro_batches(active, budget, packing):
+        if expert_mini:
+            add("sft/mixed_loss", mixed_update(cfg, model, expert_mini, pad_id, mixed_weight), 1.0)
+        for group in micro_batches(active, budget, packing) if n_tokens else []:
             batch = collate(group, pad_id)
             mask = batch.target_mask.float()  # [B, T]
-            logp, entropy, ctrl_probs = token_stats(model, batch, temperature, control_ids, packing)
+            with nvtx_range("forward"):
+                logp, entropy, ctrl_probs = token_stats(
+                    model, batch, temperature, control_ids, packing
+                )
             old_lp = (
                 torch.nn.utils.rnn.pad_sequence([old[id(t)] for t in group], batch_first=True)
                 if old
@@ -853,34 +1087,64 @@ def policy_update(
             adv = torch.tensor([t.info["advantage"] for t in group], dtype=torch.float32)  # [B]
             g_tokens = mask.sum().item()
             if rl.tis_cap is not None:
-                # Truncated IS: the engine sampled them, the trainer's old policy scores.
+                # Truncated IS: the engine sampled them, the trainer's old policy scores. Expert
+                # and hinted rows have no engine logprobs of this context: weight 1.
                 tis = (
                     (old_lp.detach() - batch.engine_logprobs).exp().clamp(max=rl.tis_cap)
                 )  # [B, T]
+                tis = torch.where(batch.sampled[:, None], tis, 1.0)  # [B, T]
                 adv = adv[:, None] * tis * mask  # [B, T]
                 mean_tis = (tis * mask).sum().item() / max(1.0, g_tokens)
                 add("rollout/tis_weight_mean", mean_tis, g_tokens)
-            loss, stats = loss_fn(
-                logp,
-                old_lp,
-                adv,
-                mask,
-                ref_logprobs=ref_lp,
-                entropy=entropy,
-                clip_low=rl.clip_low,
-                clip_high=rl.clip_high,
-                dual_clip=rl.dual_clip,
-                kl_coef=rl.kl_coef,
-                kl_estimator=rl.kl_estimator,
-                entropy_coef=rl.entropy_coef,
-                loss_agg=rl.loss_agg,
-                norm_len=cfg.rollout.max_total_tokens,
-            )
+            shaped = (
+                torch.tensor([t.source == "expert" for t in group], dtype=torch.bool)
+                if luffy
+                else torch.zeros(len(group), dtype=torch.bool)
+            )  # [B] rows under LUFFY's shaping
+            plain_mask = mask * ~shaped[:, None]  # [B, T]
+            loss = logp.new_zeros(())
+            stats: dict[str, Any] = {}
+            with nvtx_range("loss"):
+                if plain_mask.any():
+                    loss, stats = loss_fn(
+                        logp,
+                        old_lp,
+                        adv,
+                        plain_mask,
+                        ref_logprobs=ref_lp,
+                        entropy=entropy,
+                        clip_low=rl.clip_low,
+                        clip_high=rl.clip_high,
+                        dual_clip=rl.dual_clip,
+                        kl_coef=rl.kl_coef,
+                        kl_estimator=rl.kl_estimator,
+                        entropy_coef=rl.entropy_coef,
+                        loss_agg=rl.loss_agg,
+                        norm_len=cfg.rollout.max_total_tokens,
+                    )
+                if shaped.any():
+                    # Each part is its rows' aggregate; mixed back by the rows (or tokens) it
+                    # stands for, the sum equals the aggregate over the whole micro-batch.
+                    shaped_mask = mask * shaped[:, None]  # [B, T]
+                    shaped_loss = luffy_loss(
+                        logp,
+                        adv,
+                        shaped_mask,
+                        gamma=ops.gamma,
+                        loss_agg=rl.loss_agg,
+                        norm_len=cfg.rollout.max_total_tokens,
+                    )
+                    if rl.loss_agg == "token-mean":
+                        a, b = plain_mask.sum(), shaped_mask.sum()
+                    else:
+                        a, b = (plain_mask.sum(1) > 0).sum(), (shaped_mask.sum(1) > 0).sum()
+                    loss = (loss * a + shaped_loss * b) / (a + b)
             if rl.loss_agg == "token-mean":
                 weight = g_tokens / n_tokens
             else:
                 weight = sum(1 for t in group if any(t.loss_mask)) / max(1, n_rows)
-            (loss * weight).backward()
+            with nvtx_range("backward"):
+                (loss * weight).backward()
             add("loss", loss.item(), weight)
             for key in ("clip_frac", "kl", "ratio_mean"):
                 if key in stats:
@@ -897,7 +1161,8 @@ def policy_update(
                 for k, key in enumerate(CONTROL_KEYS):  # per trained token
                     add(f"ctrl/grad_self_{key}", pushes[0][k] / m, m)
                     add(f"ctrl/grad_other_{key}", pushes[1][k] / m, m)
-        grad_norms.append(clip_and_step(model, optimizer, cfg.optim.grad_clip))
+        with nvtx_range("optimizer"):
+            grad_norms.append(clip_and_step(model, optimizer, cfg.optim.grad_clip))
     if not grad_norms:
         # No trajectory carried a learning signal (every group agreed): no update, but the
         # policy's token metrics are still measured.
@@ -920,6 +1185,22 @@ def policy_update(
     return out
 
 
+def mixed_update(cfg, model, experts: list[Trajectory], pad_id: int, weight: float) -> float:
+    """Backpropagate `weight` x the SFT loss of `experts` (mixed SFT); returns the unweighted
+    loss. Token-mean over the experts' tokens, with CHORD's p(1 - p) weights when configured."""
+    mixed = cfg.supervision.mixed_sft
+    n_tokens = sum(sum(t.loss_mask) for t in experts)
+    total = 0.0
+    for group in micro_batches(experts, cfg.optim.max_tokens_per_microbatch, cfg.optim.packing):
+        batch = collate(group, pad_id)
+        logp, _, _ = token_stats(model, batch, packed=cfg.optim.packing)
+        share = batch.target_mask.sum().item() / max(1, n_tokens)
+        loss = mixed_sft_loss(logp, batch.target_mask, chord_phi=mixed.chord_phi) * share
+        (loss * weight).backward()
+        total += loss.item()
+    return total
+
+
 def token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id) -> None:
     """Entropy, engine-vs-trainer logprob gap and control-token probe probabilities."""
     mask = batch.target_mask.float()  # [B, T]
@@ -927,9 +1208,12 @@ def token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id
     if n == 0:
         return
     add("entropy", (entropy.detach() * mask).sum().item() / n, n)
-    gap = (logp.detach() - batch.engine_logprobs).abs() * mask  # [B, T]
-    add("rollout/logprob_diff_mean", gap.sum().item() / n, n)
-    add("rollout/logprob_diff_max", gap.max().item(), n)
+    sampled = mask * batch.sampled[:, None]  # [B, T]
+    n_sampled = sampled.sum().item()
+    if n_sampled:
+        gap = (logp.detach() - batch.engine_logprobs).abs() * sampled  # [B, T]
+        add("rollout/logprob_diff_mean", gap.sum().item() / n_sampled, n_sampled)
+        add("rollout/logprob_diff_max", gap.max().item(), n_sampled)
     if ctrl_probs is None:
         return
     # Mean over every trained token (ctrl_probs rows are the target positions, in order).
