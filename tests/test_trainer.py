@@ -23,6 +23,8 @@ def test_collate_aligns_labels_with_trained_tokens():
     assert b.engine_logprobs[0][b.target_mask[0]].tolist() == [-1, -2, -3]
     assert b.labels[1][b.target_mask[1]].tolist() == [40]
     assert b.attention_mask.sum(1).tolist() == [8, 3]
+    # Turn starts: the first trained position of each run (two turns in t, one in short).
+    assert T.turn_start_rows(b).tolist() == [True, False, True, True]
 
 
 def test_micro_batches_respect_the_token_budget():
@@ -127,6 +129,8 @@ def test_policy_update_with_kl_and_several_updates(tiny_policy, world):
         "ctrl/p_im_end",
         "ctrl/p_tool_call",
         "ctrl/mean_p_im_end",
+        "ctrl/turn_p_im_end",
+        "ctrl/turn_p_tool_call",
         "ctrl/grad_self_im_end",
         "ctrl/grad_other_tool_call",
     ):

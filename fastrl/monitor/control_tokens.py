@@ -2,7 +2,9 @@
 
 Every RL step logs, at the probe positions right after `<tool_call>` and its newline, the mean
 probability of the JSON opener `{"` (healthy), of `<|im_end|>` and of `<tool_call>` (the two
-collapse modes): `ctrl/p_open_json`, `ctrl/p_im_end`, `ctrl/p_tool_call`. The paper publishes no
+collapse modes): `ctrl/p_open_json`, `ctrl/p_im_end`, `ctrl/p_tool_call`; and at the start of
+every assistant turn (its first generated token) the probabilities of `<|im_end|>` (an empty turn)
+and `<tool_call>`: `ctrl/turn_p_im_end`, `ctrl/turn_p_tool_call`. The paper publishes no
 alarm rule; fastrl uses an exponential moving average of each series' mean and variance and raises
 `ctrl/alarm` when a new value lies more than `threshold` standard deviations from the average
 *before* it is folded in, once at least `min_history` values have been seen. Collapse shows as a
@@ -18,7 +20,12 @@ from typing import Any
 import torch
 
 # series -> direction of the dangerous move (+1: up, -1: down)
-WATCHED = {"ctrl/p_im_end": 1, "ctrl/p_tool_call": 1, "ctrl/p_open_json": -1}
+WATCHED = {
+    "ctrl/p_im_end": 1,
+    "ctrl/p_tool_call": 1,
+    "ctrl/p_open_json": -1,
+    "ctrl/turn_p_im_end": 1,
+}
 
 
 class SpikeAlarm:
@@ -48,7 +55,7 @@ class SpikeAlarm:
             count, mean, var = self.stats.get(key, [0, value, 0.0])
             std = max(math.sqrt(var), self.min_std)
             z = (value - mean) / std if count else 0.0
-            out[f"ctrl/z_{key.removeprefix('ctrl/p_')}"] = z
+            out[f"ctrl/z_{key.removeprefix('ctrl/').removeprefix('p_')}"] = z
             if count >= self.min_history and direction * z > self.threshold:
                 alarm = True
             # EMA of mean and variance (West's incremental form).

@@ -5,7 +5,8 @@ optional `summary.json` and `config.yaml`, and writes `RUN_DIR/report/*.png` and
 `RUN_DIR/report.html`, which links the plots by relative paths:
 
 - `success.png`: `success/mean`, `reward/mean`, and `eval/test_success` as points;
-- `control_tokens.png`: the `ctrl/p_*` probes, alarm steps (red) and guard actions (black dashed);
+- `control_tokens.png`: the control-token probes (`ctrl/p_*`, `ctrl/turn_p_*`), alarm steps
+  (red) and guard actions (black dashed);
 - `states.png`: the `state/*` fractions of RL steps, stacked;
 - `optimization.png`: `entropy`, `kl`, `clip_frac`, `grad_norm`.
 
@@ -26,7 +27,13 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-CTRL = ("ctrl/p_open_json", "ctrl/p_im_end", "ctrl/p_tool_call")
+CTRL = (
+    "ctrl/p_open_json",
+    "ctrl/p_im_end",
+    "ctrl/p_tool_call",
+    "ctrl/turn_p_im_end",
+    "ctrl/turn_p_tool_call",
+)
 STATES = ("state/healthy_call", "state/healthy_text", "state/pollution", "state/collapse")
 OPTIM = ("entropy", "kl", "clip_frac", "grad_norm")
 

@@ -314,6 +314,15 @@ def token_stats(
     return logp, entropy, stats.control_probs
 
 
+def turn_start_rows(batch: Batch) -> torch.Tensor:
+    """Bool [N] over target positions: the model is about to write a turn's first token (the
+    first trained position of each run of trained positions)."""
+    mask = batch.target_mask
+    before = torch.zeros_like(mask)
+    before[:, 1:] = mask[:, :-1]
+    return (mask & ~before)[mask]
+
+
 def probe_rows(batch: Batch, tool_call_id: int, newline_id: int) -> torch.Tensor:
     """Bool [N] over target positions: the model is about to write what follows `<tool_call>\\n`."""
     ids = batch.input_ids
@@ -1223,3 +1232,6 @@ def token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id
     if probe.any():
         for k, key in enumerate(CONTROL_KEYS):
             add(f"ctrl/p_{key}", ctrl_probs[probe, k].mean().item(), probe.sum().item())
+    starts = turn_start_rows(batch)  # [N]
+    for k, key in enumerate(CONTROL_KEYS[1:], start=1):
+        add(f"ctrl/turn_p_{key}", ctrl_probs[starts, k].mean().item(), starts.sum().item())
