@@ -71,3 +71,49 @@ def test_keeps_only_the_newest(tmp_path):
 
 def test_no_checkpoint(tmp_path):
     assert ck.latest_checkpoint(tmp_path) is None
+
+
+def test_train_state_loads_without_unpickling_objects(tmp_path):
+    model = Tied()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    _step(model, opt)
+    path = ck.save_checkpoint(tmp_path, "step_000001", model, opt, {"step": 1})
+    blob = torch.load(path / "train_state.pt", weights_only=True)
+    assert set(blob) == {"optimizer", "rng"} and blob["optimizer"]["state"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest) == {"model.safetensors", "train_state.pt", "trainer_state.json"}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_latest_checkpoint_is_skipped_with_a_message(tmp_path, caplog, damage):
+    model = Tied()
+    for step in (1, 2):
+        with torch.no_grad():
+            model.emb.weight.fill_(float(step))
+        ck.save_checkpoint(tmp_path, f"step_{step:06d}", model, None, {"step": step}, keep=3)
+    weights = tmp_path / "checkpoints" / "step_000002" / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    else:
+        weights.unlink()
+    other = Tied()
+    with pytest.raises(ck.CorruptCheckpoint):
+        ck.load_checkpoint(weights.parent, other)
+    with caplog.at_level("ERROR"):
+        path, state, _ = ck.resume_checkpoint(tmp_path, other)
+    assert path.name == "step_000001" and state == {"step": 1}
+    assert torch.all(other.emb.weight == 1.0)
+    assert "skipping damaged checkpoint" in caplog.text and "step_000002" in caplog.text
+
+
+def test_guard_snapshots_are_never_pruned_nor_latest(tmp_path):
+    model = Tied()
+    ck.save_checkpoint(tmp_path, "healthy", model, None, {"step": 0}, point_latest=False)
+    for step in range(1, 4):
+        ck.save_checkpoint(tmp_path, f"step_{step:06d}", model, None, {"step": step}, keep=1)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert names == ["healthy", "step_000003"]
+    assert ck.latest_checkpoint(tmp_path).name == "step_000003"

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from fastrl.cli import main
 from fastrl.train import trainer
@@ -229,3 +230,49 @@ def test_resumed_run_keeps_the_kl_reference(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "policy_update", real_update)
     assert main(args + ["--resume"]) == 0
     assert ref.read_bytes() == before
+
+
+def test_sigkill_once_a_checkpoint_exists_then_resume_finishes(tmp_path):
+    """The outside check: `python -m fastrl train --config configs/smoke.yaml run_dir=DIR`, killed
+    with SIGKILL as soon as DIR/checkpoints/ holds one, then the same command with --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    from fastrl.models import load_tokenizer
+    from fastrl.train.checkpoint import latest_checkpoint
+
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastrl",
+        "train",
+        "--config",
+        "configs/smoke.yaml",
+        f"run_dir={run}",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while latest_checkpoint(run) is None:
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = latest_checkpoint(run).name
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed from {run / 'checkpoints' / killed_at}" in done.stderr
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4, 5]  # 3 SFT + 2 RL steps, once each
+    assert json.loads((run / "summary.json").read_text())["rl_success"] is not None
+    # A checkpoint is a model directory transformers loads as it is.
+    last = latest_checkpoint(run)
+    model = AutoModelForCausalLM.from_pretrained(last, local_files_only=True)
+    final = AutoModelForCausalLM.from_pretrained(run / "final", local_files_only=True)
+    for (name, a), (_, b) in zip(model.state_dict().items(), final.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert load_tokenizer(last).encode("<tool_call>", add_special_tokens=False) == [3]

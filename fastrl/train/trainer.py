@@ -64,9 +64,9 @@ from fastrl.rollout.engines.vllm import VLLMEngine, vllm_available
 from fastrl.rollout.loop import Limits, run_episodes
 from fastrl.rollout.types import Trajectory
 from fastrl.train.checkpoint import (
-    latest_checkpoint,
     load_checkpoint,
     promote_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
 )
 from fastrl.train.packing import ATTN_IMPLEMENTATION, choose_kernel, first_fit_decreasing, no_mask
@@ -471,9 +471,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         "results": {},
     }
     saved_optimizers = None
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        state, saved_optimizers = load_checkpoint(ckpt, model)
+    found = resume_checkpoint(run_dir, model) if resume else None
+    ckpt = None
+    if found is not None:
+        ckpt, state, saved_optimizers = found
         where = plan[state["plan_index"]].name if state["plan_index"] < len(plan) else "the end"
         log.info("resumed from %s (%s, step %d)", ckpt, where, state["step"])
     # Corrective phases are as long as their data, known only when they start.
@@ -613,6 +614,7 @@ class Run:
             self.state,
             keep=self.cfg.keep_checkpoints,
             point_latest=tag is None,
+            tokenizer=self.tokenizer,
         )
 
     def evaluate(self, split: str) -> dict[str, Any]:
