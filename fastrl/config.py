@@ -326,6 +326,15 @@ class GuardConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # Under torchrun with several processes: DeepSpeed ZeRO stage (2: optimizer states and
+    # gradients partitioned; 3: parameters too).
+    zero_stage: int = 2
+    # Collective backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo.
+    backend: str = "auto"
+
+
+@dataclass
 class Config:
     # Run directory: metrics.jsonl, config.yaml, checkpoints/, events, summary.json.
     run_dir: str = "runs/demo"
@@ -352,6 +361,7 @@ class Config:
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         # Dotted keys given explicitly (YAML file, overrides); the environment's own defaults
@@ -499,6 +509,12 @@ class Config:
             ("guard.lr_factor", 0 < guard.lr_factor < 1, "in (0, 1)"),
             ("guard.snapshot_every", guard.snapshot_every >= 1, ">= 1"),
             ("guard.max_actions", guard.max_actions >= 0, ">= 0"),
+            ("distributed.zero_stage", self.distributed.zero_stage in (2, 3), "2 or 3"),
+            (
+                "distributed.backend",
+                self.distributed.backend in ("auto", "nccl", "gloo"),
+                "auto, nccl or gloo",
+            ),
         ]
         for key, ok, expected in checks:
             if not ok:

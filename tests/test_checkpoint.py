@@ -79,7 +79,7 @@ def test_train_state_loads_without_unpickling_objects(tmp_path):
     _step(model, opt)
     path = ck.save_checkpoint(tmp_path, "step_000001", model, opt, {"step": 1})
     blob = torch.load(path / "train_state.pt", weights_only=True)
-    assert set(blob) == {"optimizer", "rng"} and blob["optimizer"]["state"]
+    assert set(blob) == {"optimizer", "rng", "rank_rngs"} and blob["optimizer"]["state"]
     manifest = json.loads((path / "manifest.json").read_text())
     assert set(manifest) == {"model.safetensors", "train_state.pt", "trainer_state.json"}
 

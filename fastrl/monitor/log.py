@@ -27,6 +27,16 @@ def nvtx_range(name: str) -> Iterator[None]:
         torch.cuda.nvtx.range_pop()
 
 
+class NullLogger:
+    """The logger of ranks other than 0: rows are written once, by rank 0."""
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class MetricLogger:
     """Appends rows to `run_dir/metrics.jsonl` (flushed per row so a killed run keeps them).
 

@@ -126,11 +126,13 @@ def save_checkpoint(
     keep: int = 2,
     point_latest: bool = True,
     tokenizer: Any = None,
+    rank_rngs: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/<tag>` atomically and point `latest` at it.
 
     `optimizer` is anything with `state_dict()` (or None). With `point_latest=False` (the guard's
     snapshots) `latest` and pruning are untouched; only `step_*` checkpoints are ever pruned.
+    `rank_rngs`: every rank's `rng_state()` in a multi-process run (this process's otherwise).
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -142,7 +144,8 @@ def save_checkpoint(
     torch.save(
         {
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "rng": rng_state(),
+            "rng": rng_state() if rank_rngs is None else rank_rngs[0],
+            "rank_rngs": rank_rngs,
         },
         tmp / "train_state.pt",
     )
@@ -237,6 +240,18 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state(blob["rng"])
     return trainer_state, blob["optimizer"]
+
+
+def set_rng_state_of_rank(path: str | Path, rank: int) -> None:
+    """Restore rank `rank`'s RNG states saved in the checkpoint at `path` (multi-process runs)."""
+    blob = torch.load(Path(path) / "train_state.pt", weights_only=True)
+    rngs = blob.get("rank_rngs")
+    if rngs and rank < len(rngs):
+        set_rng_state(rngs[rank])
+    else:
+        log.warning(
+            "checkpoint %s holds no RNG state for rank %d; keeping the seeded one", path, rank
+        )
 
 
 def resume_checkpoint(

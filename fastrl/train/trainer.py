@@ -26,7 +26,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ from fastrl.envs.formats import get_format
 from fastrl.models import apply_liger, control_token_ids, load_model
 from fastrl.monitor.control_tokens import SpikeAlarm, gradient_split
 from fastrl.monitor.guard import SNAPSHOT_CANDIDATE, SNAPSHOT_TAG, Decision, Guard
-from fastrl.monitor.log import MetricLogger, nvtx_range
+from fastrl.monitor.log import MetricLogger, NullLogger, nvtx_range
 from fastrl.monitor.states import healthy_fraction, state_fractions
 from fastrl.ops import fused_linear_token_logprobs, pack, position_ids
 from fastrl.rollout.engines import HFEngine, ScriptedEngine
@@ -67,8 +67,12 @@ from fastrl.train.checkpoint import (
     load_checkpoint,
     promote_checkpoint,
     resume_checkpoint,
+    rng_state,
     save_checkpoint,
+    set_rng_state_of_rank,
 )
+from fastrl.train.distributed import DeepSpeedOptimizer, Dist, launched_world_size
+from fastrl.train.distributed import setup as setup_distributed
 from fastrl.train.packing import ATTN_IMPLEMENTATION, choose_kernel, first_fit_decreasing, no_mask
 from fastrl.train.packing import register as register_packed_attention
 
@@ -433,15 +437,32 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     t_start = time.time()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if launched_world_size() <= 1 or os.environ.get("RANK", "0") == "0":
+        save_config(cfg, run_dir / "config.yaml")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    dist = setup_distributed(cfg.distributed.backend)
+    if dist.enabled:
+        if cfg.distributed.zero_stage == 3:
+            raise ConfigError(
+                "distributed.zero_stage: ZeRO-3 is not available yet (rollouts and the fused LM "
+                "head read full weights on every rank); use 2"
+            )
+        for key, n in (("rl.prompts_per_step", cfg.rl.prompts_per_step),
+                       ("sft.batch_size", cfg.sft.batch_size)):  # fmt: skip
+            if n % dist.world_size:
+                raise ConfigError(f"{key}: {n} must be a multiple of the {dist.world_size} ranks")
+    # Sampling differs per rank; the data order (task streams) is the same on every rank.
+    random.seed(cfg.seed + dist.rank)
+    np.random.seed(cfg.seed + dist.rank)
+    torch.manual_seed(cfg.seed + dist.rank)
 
     world = get_world(cfg.env.name)
+    if dist.enabled and not dist.is_main:
+        dist.barrier()  # rank 0 builds and caches a preset first
     model, tokenizer, model_dir = build_policy(cfg)
+    if dist.enabled and dist.is_main:
+        dist.barrier()
     if cfg.model.liger:
         try:
             apply_liger(model)
@@ -479,12 +500,17 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         log.info("resumed from %s (%s, step %d)", ckpt, where, state["step"])
     # Corrective phases are as long as their data, known only when they start.
     progress_total = sum(p.steps for p in plan if p.kind != "corrective") or None
-    logger = MetricLogger(
-        run_dir,
-        tensorboard=cfg.tensorboard,
-        progress_total=progress_total if cfg.progress else None,
-        resume_step=state["step"] if ckpt is not None else None,
-    )
+    if dist.is_main:
+        logger = MetricLogger(
+            run_dir,
+            tensorboard=cfg.tensorboard,
+            progress_total=progress_total if cfg.progress else None,
+            resume_step=state["step"] if ckpt is not None else None,
+        )
+    else:
+        logger = NullLogger()
+    if ckpt is not None and dist.enabled:
+        set_rng_state_of_rank(ckpt, dist.rank)
     run = Run(
         cfg=cfg,
         model=model,
@@ -494,15 +520,17 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         limits=limits,
         state=state,
         logger=logger,
-        optimizers=Optimizers(model, cfg, saved_optimizers),
+        optimizers=Optimizers(model, cfg, saved_optimizers, dist),
         train_tasks=train_tasks,
         eval_sets=eval_sets,
+        dist=dist,
     )
 
     def baseline() -> None:  # test success of the policy RL starts from
         if "sft_success" not in state["results"]:
             state["results"]["sft_success"] = run.evaluate("test")["success"]
-            log.info("test success before RL: %.3f", state["results"]["sft_success"])
+            if dist.is_main:
+                log.info("test success before RL: %.3f", state["results"]["sft_success"])
 
     while state["plan_index"] < len(plan):
         phase = plan[state["plan_index"]]
@@ -529,8 +557,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         run.checkpoint()
     logger.close()
     final_dir = run_dir / "final"
-    model.save_pretrained(final_dir)
-    tokenizer.save_pretrained(final_dir)
+    if dist.is_main:
+        model.save_pretrained(final_dir)
+        tokenizer.save_pretrained(final_dir)
     summary = {
         "sft_success": results.get("sft_success"),
         "rl_success": results.get("rl_success"),
@@ -543,7 +572,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         "model_dir": str(model_dir),
         "run_dir": str(run_dir),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if dist.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    dist.barrier()
     return summary
 
 
@@ -554,12 +585,33 @@ class Optimizers:
     fresh for the phase and dropped at its end. A resumed run gets back the saved states.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, saved: dict | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: Config,
+        saved: dict | None = None,
+        dist: Dist | None = None,
+    ):
         self.model, self.cfg = model, cfg
         self.saved = dict(saved or {})
         self.live: dict[str, torch.optim.AdamW] = {}
+        self.dist = dist or Dist()
+        self.deepspeed: DeepSpeedOptimizer | None = None
+        if self.dist.enabled:
+            # One DeepSpeed engine for the whole run (its hooks sit on the parameters); a new
+            # phase's optimizer is the same engine with its moments cleared.
+            base = make_optimizer(model, cfg, 0.0)
+            self.deepspeed = DeepSpeedOptimizer(model, base, cfg, self.dist)
+            if self.saved:
+                log.warning("multi-process resume: the AdamW moments restart (not checkpointed)")
+                self.saved = {}
 
-    def get(self, role: str, lr: float) -> torch.optim.AdamW:
+    def get(self, role: str, lr: float) -> Any:
+        if self.deepspeed is not None:
+            if role not in self.live:
+                self.deepspeed.reset()
+                self.live[role] = self.deepspeed
+            return self.deepspeed
         if role not in self.live:
             opt = make_optimizer(self.model, self.cfg, lr)
             if role in self.saved:
@@ -572,6 +624,8 @@ class Optimizers:
         self.saved.pop(role, None)
 
     def state_dict(self) -> dict[str, Any]:
+        if self.deepspeed is not None:
+            return {}
         return {**self.saved, **{role: opt.state_dict() for role, opt in self.live.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -598,26 +652,42 @@ class Run:
     optimizers: Optimizers
     train_tasks: list[Task]
     eval_sets: dict[str, list[Task]]
+    dist: Dist = field(default_factory=Dist)
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
+    def share(self, items: list) -> list:
+        """This rank's share of a list every rank drew identically."""
+        return items[self.dist.rank :: self.dist.world_size]
+
     def checkpoint(self, tag: str | None = None) -> Path:
         """Save weights, optimizers and trainer state as `step_<step>` (named by `latest`), or
-        under `tag` (the guard's snapshots, which `latest` never names)."""
-        return save_checkpoint(
-            self.cfg.run_dir,
-            tag or f"step_{self.state['step']:06d}",
-            self.model,
-            self.optimizers,
-            self.state,
-            keep=self.cfg.keep_checkpoints,
-            point_latest=tag is None,
-            tokenizer=self.tokenizer,
-        )
+        under `tag` (the guard's snapshots, which `latest` never names). Rank 0 writes, with
+        every rank's RNG state; the others wait for it."""
+        tag = tag or f"step_{self.state['step']:06d}"
+        rngs = self.dist.gather_objects(rng_state()) if self.dist.enabled else None
+        if self.dist.is_main:
+            save_checkpoint(
+                self.cfg.run_dir,
+                tag,
+                self.model,
+                self.optimizers,
+                self.state,
+                keep=self.cfg.keep_checkpoints,
+                point_latest=not tag.startswith(SNAPSHOT_TAG),
+                tokenizer=self.tokenizer,
+                rank_rngs=rngs,
+            )
+        self.dist.barrier()
+        return Path(self.cfg.run_dir) / "checkpoints" / tag
 
     def evaluate(self, split: str) -> dict[str, Any]:
+        """Greedy evaluation of `split` on rank 0 (the others wait and get None for success)."""
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return {"success": None}
         self.engine.sync_weights()  # generate with the weights the trainer has now
         summary, _ = evaluate_policy(
             self.engine,
@@ -627,31 +697,75 @@ class Run:
             self.limits,
             batch_size=self.cfg.rollout.batch_size,
         )
+        self.dist.barrier()
         return summary
 
 
+def backward(optimizer, loss: torch.Tensor) -> None:
+    """`loss.backward()`, or through the DeepSpeed engine (which averages over ranks)."""
+    if isinstance(optimizer, DeepSpeedOptimizer):
+        optimizer.backward(loss)
+    else:
+        loss.backward()
+
+
+def run_passes(dist: Dist, model, optimizer, passes: list) -> bool:
+    """Run the backward passes of one update: each entry of `passes` returns a weighted loss.
+
+    Under DeepSpeed every rank runs as many passes as the busiest one (gradients are reduced
+    during each), padding with zero-weighted passes, and a non-finite loss is not backpropagated
+    (a zero pass stands in). Returns whether any rank met a non-finite loss (single process:
+    always False; the gradient norm tells, see `clip_and_step`)."""
+    if not dist.enabled:
+        for fn in passes:
+            loss = fn()
+            with nvtx_range("backward"):
+                backward(optimizer, loss)
+        return False
+    total = int(dist.all_max(len(passes)))
+    bad = 0.0
+    for i in range(total):
+        loss = passes[i]() if i < len(passes) else None
+        if loss is not None and not torch.isfinite(loss.detach()).all():
+            bad, loss = 1.0, None
+        if loss is None:
+            loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        with nvtx_range("backward"):
+            backward(optimizer, loss)
+    return dist.all_max(bad) > 0
+
+
 def sft_step(run: Run, optimizer, trajs: list[Trajectory], lr: float) -> dict[str, Any]:
-    """One optimizer step of the SFT loss on `trajs`; returns its metrics."""
+    """One optimizer step of the SFT loss on `trajs` (this rank's share of the batch, normalised
+    by the whole batch's tokens or rows); returns its metrics."""
     cfg = run.cfg
     t0 = time.time()
     for group in optimizer.param_groups:
         group["lr"] = lr
-    n_tokens = sum(sum(t.loss_mask) for t in trajs)
-    total_loss = 0.0
-    for group in micro_batches(trajs, cfg.optim.max_tokens_per_microbatch, cfg.optim.packing):
-        batch = collate(group, run.pad_id)
-        with nvtx_range("forward"):
-            logp, _, _ = token_stats(run.model, batch, packed=cfg.optim.packing)
-        if cfg.sft.loss_agg == "token-mean":
-            weight = batch.target_mask.sum().item() / max(1, n_tokens)
-        else:
-            weight = len(group) / len(trajs)
-        loss = sft_loss(logp, batch.target_mask.float(), loss_agg=cfg.sft.loss_agg) * weight
-        with nvtx_range("backward"):
-            loss.backward()
-        total_loss += loss.item()
+    local_tokens = sum(sum(t.loss_mask) for t in trajs)
+    n_tokens, n_rows = run.dist.all_sum([local_tokens, len(trajs)])
+    losses = []
+
+    def make_pass(group):
+        def run_pass():
+            batch = collate(group, run.pad_id)
+            with nvtx_range("forward"):
+                logp, _, _ = token_stats(run.model, batch, packed=cfg.optim.packing)
+            if cfg.sft.loss_agg == "token-mean":
+                weight = batch.target_mask.sum().item() / max(1, n_tokens)
+            else:
+                weight = len(group) / max(1, n_rows)
+            loss = sft_loss(logp, batch.target_mask.float(), loss_agg=cfg.sft.loss_agg) * weight
+            losses.append(loss.item())
+            return loss
+
+        return run_pass
+
+    groups = micro_batches(trajs, cfg.optim.max_tokens_per_microbatch, cfg.optim.packing)
+    bad = run_passes(run.dist, run.model, optimizer, [make_pass(g) for g in groups])
     with nvtx_range("optimizer"):
-        grad_norm = clip_and_step(run.model, optimizer, cfg.optim.grad_clip)
+        grad_norm = clip_and_step(run.model, optimizer, cfg.optim.grad_clip, skip=bad)
+    (total_loss,) = run.dist.all_sum([sum(losses)])
     dt = time.time() - t0
     return {
         "loss": total_loss,
@@ -686,7 +800,7 @@ def sft_phase(run: Run, phase: Phase, tasks: list[Task]) -> None:
             pos, task = next(stream)
             batch_tasks.append(task)
         state["sft_position"] = pos + 1
-        trajs = expert_trajectories(run.tokenizer, run.world, batch_tasks, run.limits)
+        trajs = expert_trajectories(run.tokenizer, run.world, run.share(batch_tasks), run.limits)
         lr = cfg.sft.lr * lr_factor(state["phase_step"], phase.steps, warmup, cfg.sft.schedule)
         log_sft_row(run, phase.name, sft_step(run, optimizer, trajs, lr), optimizer)
     run.optimizers.drop("sft")
@@ -724,6 +838,7 @@ def corrective_phase(run: Run, name: str, since: int) -> None:
     while state["phase_step"] < steps:
         k = state["phase_step"]
         chosen = [data[int(i)] for i in order[k * ets.batch_size : (k + 1) * ets.batch_size]]
+        chosen = run.share(chosen)
         lr = ets.lr * lr_factor(k, steps, warmup, "constant")
         stats = sft_step(run, optimizer, chosen, lr)
         stats.update({"sft/failed_tasks": n_failed, "sft/reflections": n_reflections})
@@ -732,13 +847,19 @@ def corrective_phase(run: Run, name: str, since: int) -> None:
     run.engine.sync_weights()
 
 
-def clip_and_step(model, optimizer, grad_clip: float) -> float:
+def clip_and_step(model, optimizer, grad_clip: float, *, skip: bool = False) -> float:
     """Clip and apply the accumulated gradients; returns their norm.
 
     A non-finite norm (a NaN/inf loss or gradient) skips the update: the gradients are dropped,
     the parameters and optimizer state stay as they were, and the norm is returned for the caller
-    to count (`note_nonfinite`).
+    to count (`note_nonfinite`). Under DeepSpeed, `skip` (a rank met a non-finite loss, see
+    `run_passes`) drops the reduced gradients the same way.
     """
+    if isinstance(optimizer, DeepSpeedOptimizer):
+        if skip:
+            optimizer.zero_grad()
+            return math.nan
+        return optimizer.step()
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
@@ -774,12 +895,14 @@ def note_nonfinite(state: dict[str, Any], skipped: int, limit: int, row: dict) -
 
 
 def sample_groups(
-    cfg, engine, tokenizer, world, stream, limits, state
+    cfg, engine, tokenizer, world, stream, limits, state, dist: Dist | None = None
 ) -> tuple[list[Trajectory], list[Trajectory]]:
     """Play one group per task (sampled, hinted and expert members) and apply dynamic sampling.
 
+    Every rank draws the same tasks and plays its share of them (whole groups).
     Returns (kept, played): the trajectories to train on and every trajectory played.
     """
+    dist = dist or Dist()
     G = cfg.rl.group_size
     sup = cfg.supervision
     sources = group_sources(G, sup.ops.k, sup.hbg.k)
@@ -798,6 +921,9 @@ def sample_groups(
             tasks.append(task)
         state["rl_position"] = pos + 1
         group_base = state["step"] * 10_000 + len(played)
+        drawn = need
+        tasks = tasks[dist.rank :: dist.world_size]
+        need = len(tasks)
         episodes = [t for t in tasks for _ in sampled_sources]
         episode_sources = sampled_sources * need
         trajs = run_episodes(
@@ -826,14 +952,15 @@ def sample_groups(
                 t.reward += cfg.rl.format_reward * healthy_fraction(t.info.get("states", []))
         played += trajs
         if cfg.rl.dynamic_sampling == "off":
-            kept, n_groups = trajs, need
+            kept, n_groups = trajs, drawn
             break
         rewards = torch.tensor([t.reward for t in trajs])
         gids = torch.tensor([t.group_id for t in trajs])
         flat = zero_variance_groups(rewards, gids)
         good = [t for t, f in zip(trajs, flat.tolist()) if not f]
         kept += good
-        n_groups += len({t.group_id for t in good})
+        (found,) = dist.all_sum([len({t.group_id for t in good})])
+        n_groups += int(found)
     return kept, played
 
 
@@ -866,10 +993,11 @@ def rl_phase(run: Run, phase: Phase) -> None:
         ref_path = Path(cfg.run_dir) / "reference.safetensors"
         if ref_path.exists():
             load_model_weights(ref_model, str(ref_path))
-        else:
+        elif run.dist.is_main:
             tmp = ref_path.with_name(".reference.safetensors.tmp")
             save_model_weights(ref_model, str(tmp))
             os.replace(tmp, ref_path)
+        run.dist.barrier()
     loss_fn = get_policy_loss(cfg.rl.loss)
     stream = task_stream(run.train_tasks, cfg.seed + 1, state["rl_position"])
     mixed = cfg.supervision.mixed_sft
@@ -900,12 +1028,22 @@ def rl_phase(run: Run, phase: Phase) -> None:
         run.engine.wake()
         with nvtx_range("rollout"):
             trajs, played = sample_groups(
-                cfg, run.engine, run.tokenizer, run.world, stream, run.limits, state
+                cfg, run.engine, run.tokenizer, run.world, stream, run.limits, state, run.dist
             )
         run.engine.sleep()
         t_rollout = time.time() - t0
         rl_step = state["rl_step"] + 1
         failures.record(rl_step, played)
+        if run.dist.enabled:  # every rank keeps every rank's failures (corrective data)
+            mine = {
+                t: failures.examples[t]
+                for t in {x.task_id for x in played}
+                if t in failures.examples
+            }
+            for other in run.dist.gather_objects(mine):
+                for tid, example in other.items():
+                    failures.last_failed[tid] = rl_step
+                    failures.examples[tid] = example
         failures.forget_before(rl_step - window + 1)
         state["failures"] = failures.state_dict()
 
@@ -927,7 +1065,7 @@ def rl_phase(run: Run, phase: Phase) -> None:
                 pos, task = next(mix_stream)
                 chosen.append(task)
             state["mix_position"] = pos + 1
-            experts = expert_trajectories(run.tokenizer, run.world, chosen, run.limits)
+            experts = expert_trajectories(run.tokenizer, run.world, run.share(chosen), run.limits)
         if trajs:
             assign_advantages(trajs, cfg.rl.advantage, cfg.rl.negative_weight)
             trained = [t for t in trajs if not (cfg.rl.mask_truncated and t.truncated)]
@@ -949,8 +1087,10 @@ def rl_phase(run: Run, phase: Phase) -> None:
                 lr_scale=lr_scale,
                 experts=experts,
                 mixed_weight=mu,
+                dist=run.dist,
             )
             row.update(stats)
+        row = run.dist.reduce_row(row)
         row.update(alarm.update(row))
         state["monitor"] = alarm.state_dict()
         limit = cfg.optim.max_nonfinite_steps
@@ -983,10 +1123,11 @@ def act_on(run: Run, guard: Guard, decision: Decision) -> None:
     state = run.state
     state["guard"] = guard.state_dict()
     root = Path(run.cfg.run_dir) / "checkpoints"
-    if decision.promote:  # the candidate's weights produced this healthy step
+    if decision.promote and run.dist.is_main:  # the candidate's weights produced a healthy step
         promote_checkpoint(root, SNAPSHOT_CANDIDATE, SNAPSHOT_TAG)
-    if decision.discard:
+    if decision.discard and run.dist.is_main:
         shutil.rmtree(root / SNAPSHOT_CANDIDATE, ignore_errors=True)
+    run.dist.barrier()
     if decision.save_candidate:
         run.checkpoint(SNAPSHOT_CANDIDATE)
     if decision.rollback:
@@ -1032,6 +1173,7 @@ def policy_update(
     lr_scale: float = 1.0,
     experts: list[Trajectory] | None = None,
     mixed_weight: float = 0.0,
+    dist: Dist | None = None,
 ) -> dict[str, float]:
     """`updates_per_step` optimizer steps over mini-batches of `trajs`; returns step metrics.
 
@@ -1070,110 +1212,123 @@ def policy_update(
         counts[key] = counts.get(key, 0.0) + weight
 
     grad_norms = []
+    dist = dist or Dist()
     expert_minis = [experts[i :: len(minis)] for i in range(len(minis))]
     for mini, expert_mini in zip(minis, expert_minis):
-        n_tokens = sum(sum(t.loss_mask) for t in mini)
-        n_rows = sum(1 for t in mini if any(t.loss_mask))
+        # Normalisers over the whole batch (every rank's share of it).
+        n_tokens, n_rows = dist.all_sum(
+            [sum(sum(t.loss_mask) for t in mini), sum(1 for t in mini if any(t.loss_mask))]
+        )
         active = [t for t in mini if any(t.loss_mask) and (uses_all_tokens or t.info["advantage"])]
-        if (not active or n_tokens == 0) and not expert_mini:
-            continue
+        passes = []
         if expert_mini:
-            add("sft/mixed_loss", mixed_update(cfg, model, expert_mini, pad_id, mixed_weight), 1.0)
-        for group in micro_batches(active, budget, packing) if n_tokens else []:
-            batch = collate(group, pad_id)
-            mask = batch.target_mask.float()  # [B, T]
-            with nvtx_range("forward"):
-                logp, entropy, ctrl_probs = token_stats(
-                    model, batch, temperature, control_ids, packing
-                )
-            old_lp = (
-                torch.nn.utils.rnn.pad_sequence([old[id(t)] for t in group], batch_first=True)
-                if old
-                else logp.detach()
-            )  # [B, T]
-            ref_lp = None
-            if ref_model is not None:
-                with torch.no_grad():
-                    ref_lp, _, _ = token_stats(ref_model, batch, temperature, packed=packing)
-            adv = torch.tensor([t.info["advantage"] for t in group], dtype=torch.float32)  # [B]
-            g_tokens = mask.sum().item()
-            if rl.tis_cap is not None:
-                # Truncated IS: the engine sampled them, the trainer's old policy scores. Expert
-                # and hinted rows have no engine logprobs of this context: weight 1.
-                tis = (
-                    (old_lp.detach() - batch.engine_logprobs).exp().clamp(max=rl.tis_cap)
+            passes += mixed_passes(cfg, model, expert_mini, pad_id, mixed_weight, dist, add)
+
+        def make_pass(group, n_tokens=n_tokens, n_rows=n_rows):
+            def run_pass():
+                batch = collate(group, pad_id)
+                mask = batch.target_mask.float()  # [B, T]
+                with nvtx_range("forward"):
+                    logp, entropy, ctrl_probs = token_stats(
+                        model, batch, temperature, control_ids, packing
+                    )
+                old_lp = (
+                    torch.nn.utils.rnn.pad_sequence([old[id(t)] for t in group], batch_first=True)
+                    if old
+                    else logp.detach()
                 )  # [B, T]
-                tis = torch.where(batch.sampled[:, None], tis, 1.0)  # [B, T]
-                adv = adv[:, None] * tis * mask  # [B, T]
-                mean_tis = (tis * mask).sum().item() / max(1.0, g_tokens)
-                add("rollout/tis_weight_mean", mean_tis, g_tokens)
-            shaped = (
-                torch.tensor([t.source == "expert" for t in group], dtype=torch.bool)
-                if luffy
-                else torch.zeros(len(group), dtype=torch.bool)
-            )  # [B] rows under LUFFY's shaping
-            plain_mask = mask * ~shaped[:, None]  # [B, T]
-            loss = logp.new_zeros(())
-            stats: dict[str, Any] = {}
-            with nvtx_range("loss"):
-                if plain_mask.any():
-                    loss, stats = loss_fn(
-                        logp,
-                        old_lp,
-                        adv,
-                        plain_mask,
-                        ref_logprobs=ref_lp,
-                        entropy=entropy,
-                        clip_low=rl.clip_low,
-                        clip_high=rl.clip_high,
-                        dual_clip=rl.dual_clip,
-                        kl_coef=rl.kl_coef,
-                        kl_estimator=rl.kl_estimator,
-                        entropy_coef=rl.entropy_coef,
-                        loss_agg=rl.loss_agg,
-                        norm_len=cfg.rollout.max_total_tokens,
+                ref_lp = None
+                if ref_model is not None:
+                    with torch.no_grad():
+                        ref_lp, _, _ = token_stats(ref_model, batch, temperature, packed=packing)
+                adv = torch.tensor([t.info["advantage"] for t in group], dtype=torch.float32)  # [B]
+                g_tokens = mask.sum().item()
+                if rl.tis_cap is not None:
+                    # Truncated IS: the engine sampled them, the trainer's old policy scores. Expert
+                    # and hinted rows have no engine logprobs of this context: weight 1.
+                    tis = (
+                        (old_lp.detach() - batch.engine_logprobs).exp().clamp(max=rl.tis_cap)
+                    )  # [B, T]
+                    tis = torch.where(batch.sampled[:, None], tis, 1.0)  # [B, T]
+                    adv = adv[:, None] * tis * mask  # [B, T]
+                    mean_tis = (tis * mask).sum().item() / max(1.0, g_tokens)
+                    add("rollout/tis_weight_mean", mean_tis, g_tokens)
+                shaped = (
+                    torch.tensor([t.source == "expert" for t in group], dtype=torch.bool)
+                    if luffy
+                    else torch.zeros(len(group), dtype=torch.bool)
+                )  # [B] rows under LUFFY's shaping
+                plain_mask = mask * ~shaped[:, None]  # [B, T]
+                loss = logp.new_zeros(())
+                stats: dict[str, Any] = {}
+                with nvtx_range("loss"):
+                    if plain_mask.any():
+                        loss, stats = loss_fn(
+                            logp,
+                            old_lp,
+                            adv,
+                            plain_mask,
+                            ref_logprobs=ref_lp,
+                            entropy=entropy,
+                            clip_low=rl.clip_low,
+                            clip_high=rl.clip_high,
+                            dual_clip=rl.dual_clip,
+                            kl_coef=rl.kl_coef,
+                            kl_estimator=rl.kl_estimator,
+                            entropy_coef=rl.entropy_coef,
+                            loss_agg=rl.loss_agg,
+                            norm_len=cfg.rollout.max_total_tokens,
+                        )
+                    if shaped.any():
+                        # Each part is its rows' aggregate; mixed back by the rows (or tokens) it
+                        # stands for, the sum equals the aggregate over the whole micro-batch.
+                        shaped_mask = mask * shaped[:, None]  # [B, T]
+                        shaped_loss = luffy_loss(
+                            logp,
+                            adv,
+                            shaped_mask,
+                            gamma=ops.gamma,
+                            loss_agg=rl.loss_agg,
+                            norm_len=cfg.rollout.max_total_tokens,
+                        )
+                        if rl.loss_agg == "token-mean":
+                            a, b = plain_mask.sum(), shaped_mask.sum()
+                        else:
+                            a, b = (plain_mask.sum(1) > 0).sum(), (shaped_mask.sum(1) > 0).sum()
+                        loss = (loss * a + shaped_loss * b) / (a + b)
+                if rl.loss_agg == "token-mean":
+                    weight = g_tokens / n_tokens
+                else:
+                    weight = sum(1 for t in group if any(t.loss_mask)) / max(1, n_rows)
+                add("loss", loss.item(), weight)
+                for key in ("clip_frac", "kl", "ratio_mean"):
+                    if key in stats:
+                        add(key, float(stats[key]), g_tokens)
+                token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id)
+                if ctrl_probs is not None:
+                    trained = batch.target_mask  # [B, T]
+                    adv_tok = (
+                        adv[trained] if adv.dim() == 2 else adv[trained.nonzero()[:, 0]]
+                    )  # [M]
+                    g_self, g_other = gradient_split(
+                        ctrl_probs.detach(), batch.labels[trained], adv_tok, control_ids
                     )
-                if shaped.any():
-                    # Each part is its rows' aggregate; mixed back by the rows (or tokens) it
-                    # stands for, the sum equals the aggregate over the whole micro-batch.
-                    shaped_mask = mask * shaped[:, None]  # [B, T]
-                    shaped_loss = luffy_loss(
-                        logp,
-                        adv,
-                        shaped_mask,
-                        gamma=ops.gamma,
-                        loss_agg=rl.loss_agg,
-                        norm_len=cfg.rollout.max_total_tokens,
-                    )
-                    if rl.loss_agg == "token-mean":
-                        a, b = plain_mask.sum(), shaped_mask.sum()
-                    else:
-                        a, b = (plain_mask.sum(1) > 0).sum(), (shaped_mask.sum(1) > 0).sum()
-                    loss = (loss * a + shaped_loss * b) / (a + b)
-            if rl.loss_agg == "token-mean":
-                weight = g_tokens / n_tokens
-            else:
-                weight = sum(1 for t in group if any(t.loss_mask)) / max(1, n_rows)
-            with nvtx_range("backward"):
-                (loss * weight).backward()
-            add("loss", loss.item(), weight)
-            for key in ("clip_frac", "kl", "ratio_mean"):
-                if key in stats:
-                    add(key, float(stats[key]), g_tokens)
-            token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id)
-            if ctrl_probs is not None:
-                trained = batch.target_mask  # [B, T]
-                adv_tok = adv[trained] if adv.dim() == 2 else adv[trained.nonzero()[:, 0]]  # [M]
-                g_self, g_other = gradient_split(
-                    ctrl_probs.detach(), batch.labels[trained], adv_tok, control_ids
-                )
-                m = max(1.0, g_tokens)
-                pushes = torch.stack([g_self, g_other]).tolist()  # one transfer  # [2, C]
-                for k, key in enumerate(CONTROL_KEYS):  # per trained token
-                    add(f"ctrl/grad_self_{key}", pushes[0][k] / m, m)
-                    add(f"ctrl/grad_other_{key}", pushes[1][k] / m, m)
+                    m = max(1.0, g_tokens)
+                    pushes = torch.stack([g_self, g_other]).tolist()  # one transfer  # [2, C]
+                    for k, key in enumerate(CONTROL_KEYS):  # per trained token
+                        add(f"ctrl/grad_self_{key}", pushes[0][k] / m, m)
+                        add(f"ctrl/grad_other_{key}", pushes[1][k] / m, m)
+                return loss * weight
+
+            return run_pass
+
+        groups = micro_batches(active, budget, packing) if n_tokens else []
+        passes += [make_pass(g) for g in groups]
+        if not dist.all_max(len(passes)):
+            continue
+        bad = run_passes(dist, model, optimizer, passes)
         with nvtx_range("optimizer"):
-            grad_norms.append(clip_and_step(model, optimizer, cfg.optim.grad_clip))
+            grad_norms.append(clip_and_step(model, optimizer, cfg.optim.grad_clip, skip=bad))
     if not grad_norms:
         # No trajectory carried a learning signal (every group agreed): no update, but the
         # policy's token metrics are still measured.
@@ -1196,20 +1351,26 @@ def policy_update(
     return out
 
 
-def mixed_update(cfg, model, experts: list[Trajectory], pad_id: int, weight: float) -> float:
-    """Backpropagate `weight` x the SFT loss of `experts` (mixed SFT); returns the unweighted
-    loss. Token-mean over the experts' tokens, with CHORD's p(1 - p) weights when configured."""
+def mixed_passes(cfg, model, experts, pad_id: int, weight: float, dist: Dist, add) -> list:
+    """The backward passes of mixed SFT: `weight` x the SFT loss of `experts` (this rank's share),
+    token-mean over every rank's expert tokens, with CHORD's p(1 - p) weights when configured;
+    `add` records the unweighted loss as `sft/mixed_loss`."""
     mixed = cfg.supervision.mixed_sft
-    n_tokens = sum(sum(t.loss_mask) for t in experts)
-    total = 0.0
-    for group in micro_batches(experts, cfg.optim.max_tokens_per_microbatch, cfg.optim.packing):
-        batch = collate(group, pad_id)
-        logp, _, _ = token_stats(model, batch, packed=cfg.optim.packing)
-        share = batch.target_mask.sum().item() / max(1, n_tokens)
-        loss = mixed_sft_loss(logp, batch.target_mask, chord_phi=mixed.chord_phi) * share
-        (loss * weight).backward()
-        total += loss.item()
-    return total
+    (n_tokens,) = dist.all_sum([sum(sum(t.loss_mask) for t in experts)])
+
+    def make_pass(group):
+        def run_pass():
+            batch = collate(group, pad_id)
+            logp, _, _ = token_stats(model, batch, packed=cfg.optim.packing)
+            share = batch.target_mask.sum().item() / max(1, n_tokens)
+            loss = mixed_sft_loss(logp, batch.target_mask, chord_phi=mixed.chord_phi) * share
+            add("sft/mixed_loss", loss.item(), 1.0)
+            return loss * weight
+
+        return run_pass
+
+    groups = micro_batches(experts, cfg.optim.max_tokens_per_microbatch, cfg.optim.packing)
+    return [make_pass(g) for g in groups]
 
 
 def token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id) -> None:

@@ -1,0 +1,171 @@
+"""Data parallelism under torchrun with DeepSpeed ZeRO (config block `distributed`).
+
+    torchrun --nproc_per_node=2 -m fastrl train --config configs/smoke_deepspeed.yaml
+
+Every rank builds the same model and its own rollout engine, plays its share of each step's tasks
+(whole GRPO groups, so advantages need no communication) and trains on its own trajectories; the
+loss is normalised by global token or row counts, so DeepSpeed's gradient averaging yields the
+gradient of the single-process loss on the whole batch. Ranks run the same number of backward
+passes per update (ZeRO reduces gradients during each one): a rank with fewer micro-batches runs
+zero-weighted passes on a one-token sequence. Metrics are averaged over ranks (maxima for `*_max`)
+and written by rank 0, which also evaluates and writes checkpoints (with every rank's RNG state).
+On CPU the backend is gloo and DeepSpeed's CPU accelerator is selected (`DS_ACCELERATOR=cpu`).
+
+DeepSpeed partitions the optimizer states across ranks; checkpoints hold the weights, the trainer
+position and the RNG states, not the partitioned AdamW moments: a resumed multi-process run
+restarts them (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def launched_world_size() -> int:
+    """Processes torchrun started (1 when not under torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class Dist:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    backend: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t.tolist()
+
+    def all_max(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t.item())
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """`obj` of every rank, in rank order (on every rank)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def reduce_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Average the numeric metrics of a step over ranks (`*_max`: maximum); the same keys on
+        every rank are required for the numeric ones present anywhere."""
+        if not self.enabled:
+            return row
+        rows = self.gather_objects(row)
+        out = dict(rows[0])
+        keys = sorted({k for r in rows for k, v in r.items() if _numeric(v)} - {"step"})
+        for key in keys:
+            values = [r[key] for r in rows if _numeric(r.get(key))]
+            out[key] = max(values) if key.endswith("_max") else sum(values) / len(values)
+        return out
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def setup(backend: str = "auto") -> Dist:
+    """Join the torchrun job (no-op in a single process)."""
+    world = launched_world_size()
+    if world <= 1:
+        return Dist()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist = Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), backend)
+    log.info("rank %d of %d (%s)", dist.rank, dist.world_size, backend)
+    return dist
+
+
+class DeepSpeedOptimizer:
+    """One DeepSpeed engine around the model, behind the small optimizer interface the trainer
+    uses (`param_groups`, `state_dict`, `load_state_dict`, `zero_grad`). Every phase shares it;
+    `reset` clears the AdamW moments where a single process would start a fresh optimizer."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg, dist: Dist):
+        import deepspeed
+
+        stage = cfg.distributed.zero_stage
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "managed_gradient_accumulation": False,  # step() is the boundary; we count passes
+            "gradient_clipping": 0.0,  # clipped here, on the reduced gradients
+            "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        if cfg.optim.grad_clip > 0:
+            config["gradient_clipping"] = cfg.optim.grad_clip
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config
+        )
+        self.world_size = dist.world_size
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed averages gradients over ranks; the loss is normalised globally, so scale it
+        # back up to make the average the sum.
+        self.engine.backward(loss * self.world_size)
+
+    def step(self) -> float:
+        """Reduce, clip and apply; returns the global gradient norm (non-finite: skipped)."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.engine.zero_grad()
+
+    def reset(self) -> None:
+        """Forget the AdamW moments (a new phase's optimizer)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        inner.state.clear()
+
+    def state_dict(self) -> dict:
+        return {}  # partitioned across ranks: not checkpointed (see the module docstring)
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            log.warning("optimizer state in a checkpoint is ignored under DeepSpeed")
