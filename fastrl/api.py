@@ -56,6 +56,7 @@ def evaluate(
     `out/summary.json` and `out/results.jsonl`. Returns the summary.
     """
     from fastrl.envs import get_world
+    from fastrl.envs.base import set_tool_timeout
     from fastrl.rollout.engines import ScriptedEngine
     from fastrl.train.trainer import build_engine, build_policy, evaluate_policy, limits_of
 
@@ -65,6 +66,7 @@ def evaluate(
     if model is not None:
         cfg.model.name = model
     cfg.validate()
+    set_tool_timeout(cfg.env.tool_timeout_s)
     world = get_world(cfg.env.name)
     tasks = world.tasks(split, limit or cfg.env.eval_tasks, seed=cfg.env.seed)
     net, tokenizer, model_dir = build_policy(cfg)

@@ -78,6 +78,8 @@ class EnvConfig:
     eval_tasks: int = 100
     # Seed of the task generator.
     seed: int = 0
+    # Seconds one tool call may run before it is cut off with an error observation (0: no limit).
+    tool_timeout_s: float = 10.0
 
 
 @dataclass
@@ -313,6 +315,9 @@ class GuardConfig:
     on_alarm: bool = True
     # Act when the fraction of collapsed assistant messages in a step exceeds this; 0 disables.
     collapse_threshold: float = 0.3
+    # Act when the fraction of polluted assistant messages (tags mixed with stray text) in a step
+    # exceeds this; 0 disables. Fast collapses at high learning rates often take this form.
+    pollution_threshold: float = 0.0
     # What to do after the rollback: sft (a corrective SFT phase, ETS-style, with the
     # supervision.ets settings) | lower_lr (multiply the RL learning rate by lr_factor).
     action: str = "sft"
@@ -404,6 +409,7 @@ class Config:
             ("env.name", self.env.name in ENVS, f"one of {sorted(ENVS)}"),
             ("env.train_tasks", self.env.train_tasks >= 1, ">= 1"),
             ("env.eval_tasks", self.env.eval_tasks >= 1, ">= 1"),
+            ("env.tool_timeout_s", self.env.tool_timeout_s >= 0, ">= 0"),
             ("rollout.engine", self.rollout.engine in ENGINES, f"one of {ENGINES}"),
             (
                 "rollout.gpu_memory_utilization",
@@ -505,6 +511,7 @@ class Config:
             ),
             ("schedule.rl_phases", all(n >= 1 for n in sched.rl_phases), "positive step counts"),
             ("guard.collapse_threshold", 0 <= guard.collapse_threshold <= 1, "in [0, 1]"),
+            ("guard.pollution_threshold", 0 <= guard.pollution_threshold <= 1, "in [0, 1]"),
             ("guard.action", guard.action in ("sft", "lower_lr"), "sft or lower_lr"),
             ("guard.lr_factor", 0 < guard.lr_factor < 1, "in (0, 1)"),
             ("guard.snapshot_every", guard.snapshot_every >= 1, ">= 1"),

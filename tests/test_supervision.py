@@ -389,6 +389,9 @@ def test_guard_confirms_snapshots_a_step_late_and_rolls_back():
     assert row["guard/action"] == "rollback+sft" and row["guard/actions"] == 1
     d = g.observe(4, {"state/collapse": 0.9})
     assert not d.rollback  # no actions left
+    polluted = Guard(load_config(None, ["guard.pollution_threshold=0.5"]).guard)
+    assert polluted.unhealthy_reason({"state/pollution": 0.6}) == "state/pollution 0.60 > 0.5"
+    assert not polluted.unhealthy_reason({"state/pollution": 0.4, "state/collapse": 0.2})
     lower = Guard(load_config(None, ["guard.action=lower_lr", "guard.lr_factor=0.25"]).guard)
     lower.snapshot_step = 0
     lower.observe(1, dict(alarm))

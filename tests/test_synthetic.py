@@ -397,3 +397,30 @@ def test_registry():
     assert isinstance(get_world("synthetic"), SyntheticWorld)
     with pytest.raises(ValueError, match="synthetic"):
         get_world("nope")
+
+
+def test_a_hanging_tool_is_cut_off_with_an_error_observation(monkeypatch):
+    import time
+
+    from fastrl.envs import base, synthetic
+
+    def hang(world, city):
+        time.sleep(3)
+
+    monkeypatch.setitem(synthetic._IMPLS, "get_weather", hang)
+    base.set_tool_timeout(0.2)
+    try:
+        t0 = time.time()
+        result = synthetic.execute(synthetic._empty_world(), {"get_weather"}, "get_weather",
+                                   {"city": "Oslo"})  # fmt: skip
+        assert time.time() - t0 < 5
+        assert result == {"error": "get_weather timed out after 0.2 s"}
+        # Off the main thread the call is abandoned in a worker thread instead.
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            result = pool.submit(synthetic.execute, synthetic._empty_world(), {"get_weather"},
+                                 "get_weather", {"city": "Oslo"}).result()  # fmt: skip
+        assert result == {"error": "get_weather timed out after 0.2 s"}
+    finally:
+        base.set_tool_timeout(10.0)

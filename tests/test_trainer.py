@@ -352,3 +352,32 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_a_streak(tiny_policy, w
     stats = T.policy_update(cfg, m, None, opt, get_policy_loss("ppo"), trajs, trajs,
                             tok.pad_token_id, 1.0, None, None, 0)  # fmt: skip
     assert stats["skipped_updates"] == 0 and opt.state
+
+
+def test_out_of_memory_names_the_micro_batch_and_its_tokens(tiny_policy, world, monkeypatch):
+    model, tok, _ = tiny_policy
+    cfg = load_config(None, ["optim.max_tokens_per_microbatch=400"])
+    trajs = T.expert_trajectories(
+        tok, world, world.tasks("train", 4), Limits(max_total_tokens=4096)
+    )
+    for i, t in enumerate(trajs):
+        t.source, t.group_id, t.info["advantage"] = "policy", 0, (1.0, -1.0)[i % 2]
+    calls = {"n": 0}
+    real = T.token_stats
+
+    def second_oom(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "token_stats", second_oom)
+    m = copy.deepcopy(model).train()
+    opt = T.make_optimizer(m, cfg, 1e-4)
+    groups = T.micro_batches(trajs, 400, packed=True)
+    assert len(groups) >= 2
+    with pytest.raises(RuntimeError, match="out of memory in micro-batch 2 of") as err:
+        T.policy_update(cfg, m, None, opt, get_policy_loss("ppo"), trajs, trajs,
+                        tok.pad_token_id, 1.0, None, None, 0)  # fmt: skip
+    tokens = sum(t.num_tokens for t in groups[1])
+    assert f"{len(groups[1])} sequences, {tokens} tokens" in str(err.value)

@@ -9,8 +9,62 @@ to the model as error observations.
 
 from __future__ import annotations
 
+import concurrent.futures
+import signal
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+# Seconds a single tool call may run before it is cut off (`env.tool_timeout_s`; 0: no limit).
+_TOOL_TIMEOUT_S = 10.0
+
+
+class ToolTimeout(Exception):
+    """A tool call ran past the per-call time limit."""
+
+
+def set_tool_timeout(seconds: float) -> None:
+    """Set the per-call limit of `call_with_timeout` for this process."""
+    global _TOOL_TIMEOUT_S
+    _TOOL_TIMEOUT_S = float(seconds)
+
+
+def call_with_timeout(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)`, raising `ToolTimeout` once it runs past the per-call limit.
+
+    On the main thread a SIGALRM timer interrupts the call itself; elsewhere the call runs in a
+    worker thread that is abandoned (it cannot be stopped) when the limit passes.
+    """
+    limit = _TOOL_TIMEOUT_S
+    if limit <= 0:
+        return fn(*args, **kwargs)
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+
+        def expired(signum, frame):
+            raise ToolTimeout(f"timed out after {limit:g} s")
+
+        previous = signal.signal(signal.SIGALRM, expired)
+        signal.setitimer(signal.ITIMER_REAL, limit)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            future.set_exception(e)
+
+    # A daemon thread: an abandoned call never holds the process open at exit.
+    threading.Thread(target=work, daemon=True, name="fastrl-tool-call").start()
+    try:
+        return future.result(timeout=limit)
+    except concurrent.futures.TimeoutError:
+        raise ToolTimeout(f"timed out after {limit:g} s") from None
 
 
 @dataclass

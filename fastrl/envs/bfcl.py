@@ -43,7 +43,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from fastrl.envs.base import Parsed, Task, ToolCall
+from fastrl.envs.base import Parsed, Task, ToolCall, ToolTimeout, call_with_timeout
 from fastrl.envs.formats import get_format
 
 CATEGORIES = ("base", "miss_param", "miss_func", "long_context")
@@ -186,7 +186,9 @@ class Executor:
         except TypeError as e:
             return f"Error: {name}: {e}", None
         try:
-            result = method(*bound.args, **bound.kwargs)
+            result = call_with_timeout(method, *bound.args, **bound.kwargs)
+        except ToolTimeout as e:
+            return f"Error: {name} {e}", None
         except Exception as e:  # the API class's own failure: an observation, not a crash
             return f"Error during execution: {type(e).__name__}: {str(e)[:300]}", None
         if isinstance(result, str):

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastrl.envs.base import Parsed, Task, ToolCall
+from fastrl.envs.base import Parsed, Task, ToolCall, ToolTimeout, call_with_timeout
 from fastrl.envs.formats import get_format
 
 SPLITS = ("train", "test", "format_ood", "content_ood")
@@ -283,9 +283,11 @@ def execute(world: dict, allowed: set[str], name: Any, arguments: Any) -> dict:
         if not _TYPE_CHECKS[kind](value):
             return {"error": f"argument {arg!r} of {name} must be a {kind}"}
     try:
-        return _IMPLS[name](world, **arguments)
+        return call_with_timeout(_IMPLS[name], world, **arguments)
     except _ToolError as e:
         return {"error": str(e)}
+    except ToolTimeout as e:
+        return {"error": f"{name} {e}"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,11 +6,12 @@ step late: the weights at RL start and then, every `snapshot_every` steps, the w
 healthy step are saved as a candidate (`checkpoints/healthy_candidate`); the next step's metrics
 promote it to the healthy snapshot (`checkpoints/healthy`) when healthy, or discard it. Both are
 written atomically like every checkpoint, never pruned and never named by `latest`.
-A step is unhealthy on `ctrl/alarm` (with `on_alarm`) or when `state/collapse` exceeds
-`collapse_threshold`. Then, while actions remain (`max_actions`) and a snapshot exists, the guard
-asks for a rollback to the snapshot followed by its action: a corrective SFT phase on the recently
-failed tasks (`action=sft`, ETS-style with the `supervision.ets` settings) or a lower RL learning
-rate (`action=lower_lr`, times `lr_factor`).
+A step is unhealthy on `ctrl/alarm` (with `on_alarm`), when `state/collapse` exceeds
+`collapse_threshold`, or when `state/pollution` exceeds `pollution_threshold` (off by default).
+Then, while actions remain (`max_actions`) and a snapshot exists, the guard asks for a rollback
+to the snapshot followed by its action: a corrective SFT phase on the recently failed tasks
+(`action=sft`, ETS-style with the `supervision.ets` settings) or a lower RL learning rate
+(`action=lower_lr`, times `lr_factor`).
 Every decision is logged and shows in the metrics: `guard/action` (on the step it acted),
 `guard/actions` (the count so far), `guard/lr_scale`, `guard/snapshot_step`.
 """
@@ -57,6 +58,9 @@ class Guard:
         collapse = row.get("state/collapse", 0.0) or 0.0
         if self.cfg.collapse_threshold and collapse > self.cfg.collapse_threshold:
             reasons.append(f"state/collapse {collapse:.2f} > {self.cfg.collapse_threshold}")
+        pollution = row.get("state/pollution", 0.0) or 0.0
+        if self.cfg.pollution_threshold and pollution > self.cfg.pollution_threshold:
+            reasons.append(f"state/pollution {pollution:.2f} > {self.cfg.pollution_threshold}")
         return "; ".join(reasons)
 
     def observe(self, step: int, row: dict[str, Any]) -> Decision:

@@ -27,6 +27,16 @@ def nvtx_range(name: str) -> Iterator[None]:
         torch.cuda.nvtx.range_pop()
 
 
+# Metric -> label shown on the progress bar (the bar itself counts the steps).
+PROGRESS_FIELDS = {
+    "phase": "phase",
+    "loss": "loss",
+    "reward/mean": "reward",
+    "success/mean": "success",
+    "throughput/tokens_per_s": "tok/s",
+}
+
+
 class NullLogger:
     """The logger of ranks other than 0: rows are written once, by rank 0."""
 
@@ -93,7 +103,11 @@ class MetricLogger:
                     self._writer.add_scalar(key, value, step)
         if self._bar is not None:
             self._bar.update(1)
-            shown = {k: clean[k] for k in ("phase", "loss", "success/mean") if k in clean}
+            shown = {
+                label: f"{clean[k]:.3g}" if isinstance(clean[k], float) else clean[k]
+                for k, label in PROGRESS_FIELDS.items()
+                if k in clean
+            }
             self._bar.set_postfix(shown, refresh=False)
 
     def close(self) -> None:

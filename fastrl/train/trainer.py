@@ -17,6 +17,7 @@ group-normalised advantages, and update the policy with the clipped loss on the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -51,7 +52,7 @@ from fastrl.algo.supervision import (
 )
 from fastrl.config import Config, ConfigError, save_config
 from fastrl.envs import get_world
-from fastrl.envs.base import Task
+from fastrl.envs.base import Task, set_tool_timeout
 from fastrl.envs.formats import get_format
 from fastrl.models import apply_liger, control_token_ids, load_model
 from fastrl.monitor.control_tokens import SpikeAlarm, gradient_split
@@ -457,6 +458,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     np.random.seed(cfg.seed + dist.rank)
     torch.manual_seed(cfg.seed + dist.rank)
 
+    set_tool_timeout(cfg.env.tool_timeout_s)
     world = get_world(cfg.env.name)
     if dist.enabled and not dist.is_main:
         dist.barrier()  # rank 0 builds and caches a preset first
@@ -717,22 +719,39 @@ def run_passes(dist: Dist, model, optimizer, passes: list) -> bool:
     (a zero pass stands in). Returns whether any rank met a non-finite loss (single process:
     always False; the gradient norm tells, see `clip_and_step`)."""
     if not dist.enabled:
-        for fn in passes:
-            loss = fn()
-            with nvtx_range("backward"):
-                backward(optimizer, loss)
+        for i, fn in enumerate(passes):
+            with reporting_oom(fn, i, len(passes)):
+                loss = fn()
+                with nvtx_range("backward"):
+                    backward(optimizer, loss)
         return False
     total = int(dist.all_max(len(passes)))
     bad = 0.0
     for i in range(total):
-        loss = passes[i]() if i < len(passes) else None
-        if loss is not None and not torch.isfinite(loss.detach()).all():
-            bad, loss = 1.0, None
-        if loss is None:
-            loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-        with nvtx_range("backward"):
-            backward(optimizer, loss)
+        with reporting_oom(passes[i] if i < len(passes) else None, i, total):
+            loss = passes[i]() if i < len(passes) else None
+            if loss is not None and not torch.isfinite(loss.detach()).all():
+                bad, loss = 1.0, None
+            if loss is None:
+                loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            with nvtx_range("backward"):
+                backward(optimizer, loss)
     return dist.all_max(bad) > 0
+
+
+@contextlib.contextmanager
+def reporting_oom(fn, index: int, total: int):
+    """Turn an out-of-memory error inside a backward pass into one naming the micro-batch."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        group = getattr(fn, "group", None) or []
+        lengths = [t.num_tokens for t in group]
+        raise RuntimeError(
+            f"out of memory in micro-batch {index + 1} of {total}: {len(group)} sequences, "
+            f"{sum(lengths)} tokens (longest {max(lengths, default=0)}); lower "
+            "optim.max_tokens_per_microbatch or rollout.max_total_tokens"
+        ) from e
 
 
 def sft_step(run: Run, optimizer, trajs: list[Trajectory], lr: float) -> dict[str, Any]:
@@ -759,6 +778,7 @@ def sft_step(run: Run, optimizer, trajs: list[Trajectory], lr: float) -> dict[st
             losses.append(loss.item())
             return loss
 
+        run_pass.group = group
         return run_pass
 
     groups = micro_batches(trajs, cfg.optim.max_tokens_per_microbatch, cfg.optim.packing)
@@ -1320,6 +1340,7 @@ def policy_update(
                         add(f"ctrl/grad_other_{key}", pushes[1][k] / m, m)
                 return loss * weight
 
+            run_pass.group = group
             return run_pass
 
         groups = micro_batches(active, budget, packing) if n_tokens else []
@@ -1367,6 +1388,7 @@ def mixed_passes(cfg, model, experts, pad_id: int, weight: float, dist: Dist, ad
             add("sft/mixed_loss", loss.item(), 1.0)
             return loss * weight
 
+        run_pass.group = group
         return run_pass
 
     groups = micro_batches(experts, cfg.optim.max_tokens_per_microbatch, cfg.optim.packing)
