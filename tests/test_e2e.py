@@ -73,6 +73,17 @@ def test_smoke_run_writes_everything(smoke_run, capsys):
     assert (smoke_run / "final" / "config.json").exists()
 
 
+def test_report_draws_a_real_run(smoke_run, capsys):
+    assert main(["report", str(smoke_run)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    html = (smoke_run / "report.html").read_text()
+    assert len(out["plots"]) == 4 and not out["skipped"]
+    for plot in out["plots"]:
+        assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert f"report/{plot.rsplit('/', 1)[-1]}" in html
+    assert "warmup" in html and "rl1" in html  # the phases of the run
+
+
 def test_eval_cli_model_and_oracle_and_replay(smoke_run, tmp_path, capsys):
     out = tmp_path / "oracle"
     assert (

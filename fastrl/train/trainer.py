@@ -956,6 +956,9 @@ def sample_groups(
             top_p=cfg.rollout.top_p,
             group_ids=[group_base + i for i in range(need) for _ in sampled_sources],
             system_suffix=hint_suffixes(episodes, episode_sources) if sup.hbg.k else None,
+            # Ids from the position in the run, not a process counter: a resumed run's engine
+            # seeds (vLLM derives them from the id) are the uninterrupted run's.
+            request_ids=[f"{t.id}#{group_base}.{j}" for j, t in enumerate(episodes)],
         )
         for t, source in zip(trajs, episode_sources):
             t.source = source
