@@ -11,6 +11,9 @@ zero-weighted passes on a one-token sequence. Metrics are averaged over ranks (m
 and written by rank 0, which also evaluates and writes checkpoints (with every rank's RNG state).
 On CPU the backend is gloo and DeepSpeed's CPU accelerator is selected (`DS_ACCELERATOR=cpu`).
 
+One DeepSpeed engine serves every phase (its hooks sit on the parameters): where a single process
+starts a fresh optimizer (a new SFT or RL phase) the engine's AdamW moments are cleared, so after a
+corrective SFT phase inside RL the RL moments restart too (a single process keeps them).
 DeepSpeed partitions the optimizer states across ranks; checkpoints hold the weights, the trainer
 position and the RNG states, not the partitioned AdamW moments: a resumed multi-process run
 restarts them (logged).
