@@ -1061,7 +1061,7 @@ def rl_phase(run: Run, phase: Phase) -> None:
             mine = {
                 t: failures.examples[t]
                 for t in {x.task_id for x in played}
-                if t in failures.examples
+                if failures.last_failed.get(t) == rl_step
             }
             for other in run.dist.gather_objects(mine):
                 for tid, example in other.items():
