@@ -117,6 +117,7 @@ def test_policy_update_with_kl_and_several_updates(tiny_policy, world):
         control_ids,
         newline,
         0,
+        end_call_id=tok.convert_tokens_to_ids("</tool_call>"),
     )
     for key in (
         "loss",
@@ -131,6 +132,7 @@ def test_policy_update_with_kl_and_several_updates(tiny_policy, world):
         "ctrl/mean_p_im_end",
         "ctrl/turn_p_im_end",
         "ctrl/turn_p_tool_call",
+        "ctrl/after_call_p_im_end",
         "ctrl/grad_self_im_end",
         "ctrl/grad_other_tool_call",
     ):

@@ -4,7 +4,9 @@ Every RL step logs, at the probe positions right after `<tool_call>` and its new
 probability of the JSON opener `{"` (healthy), of `<|im_end|>` and of `<tool_call>` (the two
 collapse modes): `ctrl/p_open_json`, `ctrl/p_im_end`, `ctrl/p_tool_call`; and at the start of
 every assistant turn (its first generated token) the probabilities of `<|im_end|>` (an empty turn)
-and `<tool_call>`: `ctrl/turn_p_im_end`, `ctrl/turn_p_tool_call`. The paper publishes no
+and `<tool_call>`: `ctrl/turn_p_im_end`, `ctrl/turn_p_tool_call`; and right after `</tool_call>`,
+where the turn should end, p(`<|im_end|>`): `ctrl/after_call_p_im_end` (a drop means calls run on
+into stray text). The paper publishes no
 alarm rule; fastrl uses an exponential moving average of each series' mean and variance and raises
 `ctrl/alarm` when a new value lies more than `threshold` standard deviations from the average
 *before* it is folded in, once at least `min_history` values have been seen. Collapse shows as a
@@ -25,6 +27,7 @@ WATCHED = {
     "ctrl/p_tool_call": 1,
     "ctrl/p_open_json": -1,
     "ctrl/turn_p_im_end": 1,
+    "ctrl/after_call_p_im_end": -1,
 }
 
 

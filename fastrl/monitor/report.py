@@ -33,6 +33,7 @@ CTRL = (
     "ctrl/p_tool_call",
     "ctrl/turn_p_im_end",
     "ctrl/turn_p_tool_call",
+    "ctrl/after_call_p_im_end",
 )
 STATES = ("state/healthy_call", "state/healthy_text", "state/pollution", "state/collapse")
 OPTIM = ("entropy", "kl", "clip_frac", "grad_norm")

@@ -1111,6 +1111,7 @@ def rl_phase(run: Run, phase: Phase) -> None:
                 experts=experts,
                 mixed_weight=mu,
                 dist=run.dist,
+                end_call_id=ctrl["end_tool_call"],
             )
             row.update(stats)
         row = run.dist.reduce_row(row)
@@ -1197,6 +1198,7 @@ def policy_update(
     experts: list[Trajectory] | None = None,
     mixed_weight: float = 0.0,
     dist: Dist | None = None,
+    end_call_id: int | None = None,
 ) -> dict[str, float]:
     """`updates_per_step` optimizer steps over mini-batches of `trajs`; returns step metrics.
 
@@ -1327,7 +1329,9 @@ def policy_update(
                 for key in ("clip_frac", "kl", "ratio_mean"):
                     if key in stats:
                         add(key, float(stats[key]), g_tokens)
-                token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id)
+                token_metrics(
+                    add, batch, logp, entropy, ctrl_probs, control_ids, newline_id, end_call_id
+                )
                 if ctrl_probs is not None:
                     trained = batch.target_mask  # [B, T]
                     adv_tok = (
@@ -1363,7 +1367,9 @@ def policy_update(
                 logp, entropy, ctrl_probs = token_stats(
                     model, batch, temperature, control_ids, packing
                 )
-                token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id)
+                token_metrics(
+                    add, batch, logp, entropy, ctrl_probs, control_ids, newline_id, end_call_id
+                )
         sums.update(loss=0.0, clip_frac=0.0, kl=0.0, ratio_mean=1.0)
         counts.update(loss=1.0, clip_frac=1.0, kl=1.0, ratio_mean=1.0)
     out = {k: sums[k] / counts[k] for k in sums if counts[k] > 0}
@@ -1398,7 +1404,9 @@ def mixed_passes(cfg, model, experts, pad_id: int, weight: float, dist: Dist, ad
     return [make_pass(g) for g in groups]
 
 
-def token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id) -> None:
+def token_metrics(
+    add, batch, logp, entropy, ctrl_probs, control_ids, newline_id, end_call_id=None
+) -> None:
     """Entropy, engine-vs-trainer logprob gap and control-token probe probabilities."""
     mask = batch.target_mask.float()  # [B, T]
     n = mask.sum().item()
@@ -1423,3 +1431,8 @@ def token_metrics(add, batch, logp, entropy, ctrl_probs, control_ids, newline_id
     starts = turn_start_rows(batch)  # [N]
     for k, key in enumerate(CONTROL_KEYS[1:], start=1):
         add(f"ctrl/turn_p_{key}", ctrl_probs[starts, k].mean().item(), starts.sum().item())
+    if end_call_id is not None:
+        # Right after `</tool_call>` the turn should end: p(<|im_end|>) falls when it does not.
+        after = (batch.input_ids == end_call_id)[batch.target_mask]  # [N]
+        if after.any():
+            add("ctrl/after_call_p_im_end", ctrl_probs[after, 1].mean().item(), after.sum().item())
