@@ -10,7 +10,8 @@ PY=${PY:-.venv/bin/python}
 SEED=${SEED:-0}
 cells=("$@")
 if [ ${#cells[@]} -eq 0 ]; then
-  cells=(sft_base vanilla_rl sft_rl sft_rl_high ops ops_luffy hbg ets prs mixed_sft guard)
+  cells=(sft_base vanilla_rl sft_rl sft_rl_mid sft_rl_high ops ops_luffy hbg ets prs mixed_sft guard
+    guard_lr)
 fi
 for cell in "${cells[@]}"; do
   dir=runs/exp/$cell
