@@ -207,6 +207,21 @@ def test_mixed_sft_adds_mu_times_the_sft_gradient(tiny_policy, world, chord):
         torch.testing.assert_close(a - b, p.grad, rtol=1e-3, atol=1e-6)
 
 
+def test_mixed_sft_alone_when_no_group_carries_a_signal(tiny_policy, world):
+    model, tok, _ = tiny_policy
+    samples = T.expert_trajectories(tok, world, world.tasks("train", 2), LIMITS)
+    for t in samples:
+        t.source, t.group_id, t.info["advantage"] = "policy", 0, 0.0  # the group agreed
+    experts = T.expert_trajectories(tok, world, world.tasks("train", 4)[2:], LIMITS)
+    got = _update([], model, samples, tok, experts=experts, mixed_weight=0.5)
+    m = copy.deepcopy(model).train()
+    batch = T.collate(experts, tok.pad_token_id)
+    logp, _, _ = T.token_stats(m, batch, packed=False)
+    (0.5 * S.mixed_sft_loss(logp, batch.target_mask)).backward()
+    for g, p in zip(got, m.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=2e-6)
+
+
 # --------------------------------------------------------------------------- ETS and PRS
 def _failed(trajs):
     for t in trajs:

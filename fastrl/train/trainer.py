@@ -1373,7 +1373,7 @@ def policy_update(
         sums.update(loss=0.0, clip_frac=0.0, kl=0.0, ratio_mean=1.0)
         counts.update(loss=1.0, clip_frac=1.0, kl=1.0, ratio_mean=1.0)
     out = {k: sums[k] / counts[k] for k in sums if counts[k] > 0}
-    out["loss"] = sums["loss"] / max(1, len(grad_norms))
+    out["loss"] = sums.get("loss", 0.0) / max(1, len(grad_norms))  # 0 when only mixed SFT ran
     finite = [g for g in grad_norms if math.isfinite(g)]
     out["grad_norm"] = float(np.mean(finite)) if finite else (grad_norms[0] if grad_norms else 0.0)
     out["skipped_updates"] = len(grad_norms) - len(finite)
