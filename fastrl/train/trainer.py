@@ -804,7 +804,9 @@ def log_sft_row(run: Run, name: str, stats: dict[str, Any], optimizer) -> None:
     limit = cfg.optim.max_nonfinite_steps
     note_nonfinite(state, int(not math.isfinite(stats["grad_norm"])), limit, row)
     run.logger.log(row)
-    if cfg.checkpoint_every and state["phase_step"] % cfg.checkpoint_every == 0:
+    # A guard's corrective phase runs inside an RL step: the step's own checkpoint covers it.
+    inside_rl = name == "guard_sft"
+    if cfg.checkpoint_every and not inside_rl and state["phase_step"] % cfg.checkpoint_every == 0:
         run.checkpoint()
 
 
