@@ -1,5 +1,8 @@
 """Run by tests/test_distributed.py under torchrun: one RL update of a fixed global batch under
-DeepSpeed ZeRO-2, each rank on its share; rank 0 saves the updated parameters."""
+DeepSpeed ZeRO-2, each rank on its share; rank 0 saves the updated parameters.
+
+kind `sgd-rollback`: update, load the starting weights back into the model in place (as a guard's
+rollback does), then update again: the result must be the single update's."""
 
 import sys
 
@@ -39,7 +42,7 @@ def config(agg: str):
 
 def optimizer(model, cfg, kind: str) -> torch.optim.Optimizer:
     """AdamW as the trainer builds it, or SGD, whose step shows a wrong gradient scale too."""
-    if kind == "sgd":
+    if kind.startswith("sgd"):
         return torch.optim.SGD(model.parameters(), lr=cfg.rl.lr)
     return T.make_optimizer(model, cfg, cfg.rl.lr)
 
@@ -58,21 +61,25 @@ def main(out: str, cache: str, agg: str, kind: str) -> None:
     cfg = config(agg)
     opt = DeepSpeedOptimizer(model, optimizer(model, cfg, kind), cfg, dist)
     trajs = batch(tok, world, cache)[dist.rank :: dist.world_size]
-    T.policy_update(
-        cfg,
-        model,
-        None,
-        opt,
-        get_policy_loss("ppo"),
-        trajs,
-        trajs,
-        tok.pad_token_id,
-        1.0,
-        None,
-        None,
-        0,
-        dist=dist,
-    )
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for _ in range(2 if kind == "sgd-rollback" else 1):
+        model.load_state_dict(start)
+        opt.weights_loaded()
+        T.policy_update(
+            cfg,
+            model,
+            None,
+            opt,
+            get_policy_loss("ppo"),
+            trajs,
+            trajs,
+            tok.pad_token_id,
+            1.0,
+            None,
+            None,
+            0,
+            dist=dist,
+        )
     if dist.is_main:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
     dist.barrier()

@@ -118,7 +118,13 @@ def _choose(op: str, requested: str, device_type: str) -> str:
             raise RuntimeError(f"FASTRL_BACKEND={requested} is unavailable: {reason}")
         chosen = requested if _provides(requested, op) else "torch"
     logger.info(
-        "fastrl.ops.%s on %s: %s backend (FASTRL_BACKEND=%s)", op, device_type, chosen, requested
+        "fastrl.ops.%s on %s: %s backend%s (FASTRL_BACKEND=%s)",
+        op,
+        device_type,
+        chosen,
+        # "cuda" names the compiled extension, which also holds the CPU kernels.
+        " (compiled fastrl._C, CPU kernels)" if chosen == "cuda" and device_type == "cpu" else "",
+        requested,
     )
     return chosen
 

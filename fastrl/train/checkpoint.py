@@ -7,6 +7,7 @@ A checkpoint directory holds:
 - `train_state.pt`: the optimizer state(s) and the RNG states (python, numpy, torch, CUDA), in a
   form `torch.load(weights_only=True)` reads: no pickle of arbitrary objects is ever loaded;
 - `trainer_state.json`: the trainer's position (phase, step, data positions, monitor state, ...);
+- under DeepSpeed, `optim_rank<r>.pt`: rank r's optimizer partition (weights_only-safe too);
 - `manifest.json`, written last: the size and SHA-256 of every other file.
 It is written into a temporary directory beside its final place, every file fsynced, and renamed
 into place; then `checkpoints/latest` is replaced atomically to name it. A run killed at any
@@ -127,12 +128,15 @@ def save_checkpoint(
     point_latest: bool = True,
     tokenizer: Any = None,
     rank_rngs: list[dict[str, Any]] | None = None,
+    extra_files: dict[str, Path] | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/<tag>` atomically and point `latest` at it.
 
     `optimizer` is anything with `state_dict()` (or None). With `point_latest=False` (the guard's
     snapshots) `latest` and pruning are untouched; only `step_*` checkpoints are ever pruned.
     `rank_rngs`: every rank's `rng_state()` in a multi-process run (this process's otherwise).
+    `extra_files`: name -> a file already written (and fsynced) elsewhere on the same file
+    system, moved into the checkpoint (each rank's optimizer partition under DeepSpeed).
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -150,6 +154,8 @@ def save_checkpoint(
         tmp / "train_state.pt",
     )
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    for name, path in (extra_files or {}).items():
+        os.replace(path, tmp / name)
     manifest = {}
     for path in sorted(tmp.iterdir()):
         with open(path, "rb+") as f:

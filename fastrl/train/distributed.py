@@ -14,9 +14,11 @@ On CPU the backend is gloo and DeepSpeed's CPU accelerator is selected (`DS_ACCE
 One DeepSpeed engine serves every phase (its hooks sit on the parameters): where a single process
 starts a fresh optimizer (a new SFT or RL phase) the engine's AdamW moments are cleared, so after a
 corrective SFT phase inside RL the RL moments restart too (a single process keeps them).
-DeepSpeed partitions the optimizer states across ranks; checkpoints hold the weights, the trainer
-position and the RNG states, not the partitioned AdamW moments: a resumed multi-process run
-restarts them (logged).
+DeepSpeed partitions the optimizer states across ranks: each rank writes its partition (fp32
+master weights and AdamW moments, plain tensors) as `optim_rank<r>.pt` into the checkpoint, so a
+run resumed with the same number of ranks continues exactly; with another number the moments
+restart (logged). Weights loaded into the model in place (a guard's rollback) are copied into the
+fp32 masters too, or the next step would bring the old weights back.
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ class DeepSpeedOptimizer:
             model=model, optimizer=optimizer, config=config
         )
         self.world_size = dist.world_size
+        self.stage = stage
 
     @property
     def param_groups(self) -> list[dict]:
@@ -161,13 +164,69 @@ class DeepSpeedOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.engine.zero_grad()
 
+    def _partitions(self) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+        """The torch optimizer DeepSpeed wraps and the flat fp32 partitions it steps on."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        return inner, [p for group in inner.param_groups for p in group["params"]]
+
     def reset(self) -> None:
         """Forget the AdamW moments (a new phase's optimizer)."""
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        inner.state.clear()
+        self._partitions()[0].state.clear()
+
+    def partition_state(self) -> dict[str, Any]:
+        """This rank's share of the optimizer: per flat partition, the fp32 master weights and
+        the AdamW state, as tensors and numbers (`torch.load(weights_only=True)` reads it)."""
+        inner, params = self._partitions()
+        return {
+            "world_size": self.world_size,
+            "zero_stage": self.stage,
+            "partitions": [
+                {
+                    "master": p.detach().clone(),
+                    "state": {
+                        k: v.detach().clone() if torch.is_tensor(v) else v
+                        for k, v in inner.state.get(p, {}).items()
+                    },
+                }
+                for p in params
+            ],
+        }
+
+    def load_partition_state(self, saved: dict[str, Any]) -> bool:
+        """Restore `partition_state()` of the same rank; False (nothing changed) when it was
+        written by another number of ranks, ZeRO stage or model."""
+        inner, params = self._partitions()
+        parts = saved.get("partitions", [])
+        if (
+            saved.get("world_size") != self.world_size
+            or saved.get("zero_stage") != self.stage
+            or len(parts) != len(params)
+            or any(s["master"].shape != p.shape for s, p in zip(parts, params))
+        ):
+            log.warning(
+                "optimizer partitions were saved by %s ranks under ZeRO-%s, this run has %d ranks "
+                "under ZeRO-%d: the AdamW moments restart",
+                saved.get("world_size"),
+                saved.get("zero_stage"),
+                self.world_size,
+                self.stage,
+            )
+            return False
+        with torch.no_grad():
+            for p, part in zip(params, parts):
+                p.copy_(part["master"])
+                inner.state[p] = {
+                    k: v.to(p.device) if torch.is_tensor(v) and v.dim() else v
+                    for k, v in part["state"].items()
+                }
+        return True
+
+    def weights_loaded(self) -> None:
+        """The model's weights were replaced in place: make the fp32 masters follow."""
+        self.optimizer.refresh_fp32_params()
 
     def state_dict(self) -> dict:
-        return {}  # partitioned across ranks: not checkpointed (see the module docstring)
+        return {}  # per-rank partitions: see `partition_state`
 
     def load_state_dict(self, state: dict) -> None:
         if state:

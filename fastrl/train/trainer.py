@@ -522,7 +522,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         limits=limits,
         state=state,
         logger=logger,
-        optimizers=Optimizers(model, cfg, saved_optimizers, dist),
+        optimizers=Optimizers(model, cfg, saved_optimizers, dist, ckpt),
         train_tasks=train_tasks,
         eval_sets=eval_sets,
         dist=dist,
@@ -585,6 +585,8 @@ class Optimizers:
 
     The RL optimizer lives through every RL phase of an interleaved plan; an SFT phase's is made
     fresh for the phase and dropped at its end. A resumed run gets back the saved states.
+    Under DeepSpeed one engine plays every role: switching roles clears its moments, and each
+    rank's partition is saved beside the checkpoint (`optim_rank<r>.pt`, see `Run.checkpoint`).
     """
 
     def __init__(
@@ -593,26 +595,46 @@ class Optimizers:
         cfg: Config,
         saved: dict | None = None,
         dist: Dist | None = None,
+        checkpoint: Path | None = None,
     ):
         self.model, self.cfg = model, cfg
         self.saved = dict(saved or {})
         self.live: dict[str, torch.optim.AdamW] = {}
         self.dist = dist or Dist()
         self.deepspeed: DeepSpeedOptimizer | None = None
+        self.ds_role: str | None = None  # the role whose moments the engine holds
         if self.dist.enabled:
             # One DeepSpeed engine for the whole run (its hooks sit on the parameters); a new
             # phase's optimizer is the same engine with its moments cleared.
             base = make_optimizer(model, cfg, 0.0)
             self.deepspeed = DeepSpeedOptimizer(model, base, cfg, self.dist)
+            role = self.saved.pop("deepspeed", {}).get("role")
+            if role is not None and checkpoint is not None:
+                self._load_partition(checkpoint, role)
             if self.saved:
-                log.warning("multi-process resume: the AdamW moments restart (not checkpointed)")
+                log.warning("optimizer states of a single-process run: the AdamW moments restart")
                 self.saved = {}
+        elif self.saved.pop("deepspeed", None) is not None:
+            log.warning("optimizer partitions of a multi-process run: the AdamW moments restart")
+
+    def _load_partition(self, checkpoint: Path, role: str) -> bool:
+        path = Path(checkpoint) / f"optim_rank{self.dist.rank}.pt"
+        if not path.exists():
+            log.warning("%s is missing: the AdamW moments restart", path)
+            return False
+        assert self.deepspeed is not None
+        if not self.deepspeed.load_partition_state(torch.load(path, weights_only=True)):
+            return False
+        self.ds_role = role
+        self.live[role] = self.deepspeed
+        return True
 
     def get(self, role: str, lr: float) -> Any:
         if self.deepspeed is not None:
-            if role not in self.live:
+            if role != self.ds_role:
                 self.deepspeed.reset()
-                self.live[role] = self.deepspeed
+                self.ds_role = role
+            self.live[role] = self.deepspeed
             return self.deepspeed
         if role not in self.live:
             opt = make_optimizer(self.model, self.cfg, lr)
@@ -627,8 +649,23 @@ class Optimizers:
 
     def state_dict(self) -> dict[str, Any]:
         if self.deepspeed is not None:
-            return {}
+            return {"deepspeed": {"role": self.ds_role}}
         return {**self.saved, **{role: opt.state_dict() for role, opt in self.live.items()}}
+
+    def partition_state(self) -> dict[str, Any] | None:
+        """This rank's DeepSpeed optimizer partition (None in a single process)."""
+        return self.deepspeed.partition_state() if self.deepspeed is not None else None
+
+    def rolled_back(self, checkpoint: Path, saved: dict[str, Any] | None, role: str) -> None:
+        """The weights of `checkpoint` were loaded in place: restore `role`'s optimizer state
+        saved with them (under DeepSpeed: this rank's partition, masters included)."""
+        if self.deepspeed is not None:
+            self.deepspeed.weights_loaded()
+            if (saved or {}).get("deepspeed", {}).get("role") == role == self.ds_role:
+                self._load_partition(checkpoint, role)
+            return
+        if saved and role in saved:
+            self.load_state_dict({role: saved[role]})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the given roles (a guard rollback); live optimizers of other roles stay."""
@@ -670,6 +707,18 @@ class Run:
         every rank's RNG state; the others wait for it."""
         tag = tag or f"step_{self.state['step']:06d}"
         rngs = self.dist.gather_objects(rng_state()) if self.dist.enabled else None
+        root = Path(self.cfg.run_dir) / "checkpoints"
+        partition = self.optimizers.partition_state()
+        parts = {}
+        if partition is not None:  # each rank stages its own; rank 0 moves them in
+            root.mkdir(parents=True, exist_ok=True)
+            parts = {f"optim_rank{r}.pt": root / f".{tag}.optim_rank{r}.pt"
+                     for r in range(self.dist.world_size)}  # fmt: skip
+            staged = parts[f"optim_rank{self.dist.rank}.pt"]
+            torch.save(partition, staged)
+            with open(staged, "rb+") as f:
+                os.fsync(f.fileno())
+            self.dist.barrier()
         if self.dist.is_main:
             save_checkpoint(
                 self.cfg.run_dir,
@@ -681,9 +730,10 @@ class Run:
                 point_latest=not tag.startswith(SNAPSHOT_TAG),
                 tokenizer=self.tokenizer,
                 rank_rngs=rngs,
+                extra_files=parts,
             )
         self.dist.barrier()
-        return Path(self.cfg.run_dir) / "checkpoints" / tag
+        return root / tag
 
     def evaluate(self, split: str) -> dict[str, Any]:
         """Greedy evaluation of `split` on rank 0 (the others wait and get None for success)."""
@@ -1158,8 +1208,7 @@ def act_on(run: Run, guard: Guard, decision: Decision) -> None:
         run.checkpoint(SNAPSHOT_CANDIDATE)
     if decision.rollback:
         _, saved = load_checkpoint(root / SNAPSHOT_TAG, run.model, restore_rng=False)
-        if saved and "rl" in saved:
-            run.optimizers.load_state_dict({"rl": saved["rl"]})
+        run.optimizers.rolled_back(root / SNAPSHOT_TAG, saved, "rl")
         run.engine.sync_weights()
         if decision.action == "sft":
             # The RL phase's own step counter is kept aside while the corrective steps count.
