@@ -82,7 +82,8 @@ def test_two_rank_resume_matches_the_uninterrupted_run(tmp_path):
     from safetensors.torch import load_file
 
     args = ["-m", "fastrl", "train", "--config", "configs/smoke_deepspeed.yaml",
-            "checkpoint_every=1", "keep_checkpoints=20", "rl.steps=3", "eval.splits=[test]"]  # fmt: skip
+            "checkpoint_every=1", "keep_checkpoints=20", "rl.steps=3",
+            "eval.splits=[test]"]  # fmt: skip
     full = tmp_path / "full"
     _torchrun(*args, f"run_dir={full}")
     ckpts = full / "checkpoints"
