@@ -102,8 +102,9 @@ def test_two_rank_resume_matches_the_uninterrupted_run(tmp_path):
     for ra, rb in zip(a[4:], b[4:]):
         for key in ("loss", "reward/mean", "grad_norm"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["step"], key)
-    wa, wb = load_file(full / "final" / "model.safetensors"), load_file(
-        resumed / "final" / "model.safetensors"
+    wa, wb = (
+        load_file(full / "final" / "model.safetensors"),
+        load_file(resumed / "final" / "model.safetensors"),
     )
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
