@@ -2,7 +2,8 @@
 DeepSpeed ZeRO-2, each rank on its share; rank 0 saves the updated parameters.
 
 kind `sgd-rollback`: update, load the starting weights back into the model in place (as a guard's
-rollback does), then update again: the result must be the single update's."""
+rollback does), then update again: the result must be the single update's. `stage`: the ZeRO
+stage (2 or 3)."""
 
 import sys
 
@@ -27,10 +28,11 @@ def batch(tok, world, cache):
     return trajs
 
 
-def config(agg: str):
+def config(agg: str, stage: int = 2):
     return load_config(
         None,
         [
+            f"distributed.zero_stage={stage}",
             "rl.lr=1e-3",
             "rl.warmup_steps=0",
             f"rl.loss_agg={agg}",
@@ -47,7 +49,7 @@ def optimizer(model, cfg, kind: str) -> torch.optim.Optimizer:
     return T.make_optimizer(model, cfg, cfg.rl.lr)
 
 
-def main(out: str, cache: str, agg: str, kind: str) -> None:
+def main(out: str, cache: str, agg: str, kind: str, stage: str = "2") -> None:
     dist = setup("gloo")
     world = get_world("synthetic")
     if not dist.is_main:
@@ -58,13 +60,14 @@ def main(out: str, cache: str, agg: str, kind: str) -> None:
     if dist.is_main:
         dist.barrier()
     model.train()
-    cfg = config(agg)
+    cfg = config(agg, int(stage))
     opt = DeepSpeedOptimizer(model, optimizer(model, cfg, kind), cfg, dist)
     trajs = batch(tok, world, cache)[dist.rank :: dist.world_size]
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with opt.full_weights():
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for _ in range(2 if kind == "sgd-rollback" else 1):
-        model.load_state_dict(start)
-        opt.weights_loaded()
+        with opt.writable_weights():
+            model.load_state_dict(start)
         T.policy_update(
             cfg,
             model,
@@ -80,8 +83,9 @@ def main(out: str, cache: str, agg: str, kind: str) -> None:
             0,
             dist=dist,
         )
-    if dist.is_main:
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
+    with opt.full_weights():
+        if dist.is_main:
+            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
     dist.barrier()
 
 

@@ -25,20 +25,22 @@ def _torchrun(*args, timeout=900):
 
 
 @pytest.mark.parametrize(
-    "agg, kind",
+    "agg, kind, stage",
     [
-        ("token-mean", "adamw"),
-        ("seq-mean-token-mean", "sgd"),
-        ("token-mean", "sgd"),
-        ("token-mean", "sgd-rollback"),
+        ("token-mean", "adamw", 2),
+        ("seq-mean-token-mean", "sgd", 2),
+        ("token-mean", "sgd", 2),
+        ("token-mean", "sgd-rollback", 2),
+        ("seq-mean-token-mean", "adamw", 3),
+        ("token-mean", "sgd-rollback", 3),
     ],
 )
-def test_two_rank_update_equals_the_single_process_update(tmp_path, world, agg, kind):
+def test_two_rank_update_equals_the_single_process_update(tmp_path, world, agg, kind, stage):
     sys.path.insert(0, str(HERE))
     import _dist_update as script
 
     cache = tmp_path / "models"
-    _torchrun(HERE / "_dist_update.py", tmp_path / "ds.pt", cache, agg, kind)
+    _torchrun(HERE / "_dist_update.py", tmp_path / "ds.pt", cache, agg, kind, stage)
     distributed = torch.load(tmp_path / "ds.pt", weights_only=True)
 
     model, tok, _ = load_model(
@@ -58,12 +60,13 @@ def test_two_rank_update_equals_the_single_process_update(tmp_path, world, agg, 
     assert moved > 10  # the update changed the weights
 
 
-def test_torchrun_smoke_deepspeed(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_torchrun_smoke_deepspeed(tmp_path, stage):
     """The outside check: torchrun --nproc_per_node=2 -m fastrl train --config
-    configs/smoke_deepspeed.yaml run_dir=DIR."""
+    configs/smoke_deepspeed.yaml run_dir=DIR; and the same under ZeRO-3."""
     run = tmp_path / "run"
     done = _torchrun("-m", "fastrl", "train", "--config", "configs/smoke_deepspeed.yaml",
-                     f"run_dir={run}")  # fmt: skip
+                     f"run_dir={run}", f"distributed.zero_stage={stage}")  # fmt: skip
     assert "rank 1 of 2 (gloo)" in done.stderr
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # written once, by rank 0
@@ -73,7 +76,8 @@ def test_torchrun_smoke_deepspeed(tmp_path):
     assert (run / "final" / "model.safetensors").exists()
 
 
-def test_two_rank_resume_matches_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_rank_resume_matches_the_uninterrupted_run(tmp_path, stage):
     """A 2-rank run resumed from a checkpoint taken after its first RL step continues exactly as
     the uninterrupted run: weights, AdamW moments (each rank's partition) and RNG states all come
     back. Without the partitions the moments would restart and the final weights would differ."""
@@ -83,7 +87,7 @@ def test_two_rank_resume_matches_the_uninterrupted_run(tmp_path):
 
     args = ["-m", "fastrl", "train", "--config", "configs/smoke_deepspeed.yaml",
             "checkpoint_every=1", "keep_checkpoints=20", "rl.steps=3",
-            "eval.splits=[test]"]  # fmt: skip
+            "eval.splits=[test]", f"distributed.zero_stage={stage}"]  # fmt: skip
     full = tmp_path / "full"
     _torchrun(*args, f"run_dir={full}")
     ckpts = full / "checkpoints"

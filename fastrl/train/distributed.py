@@ -23,8 +23,10 @@ fp32 masters too, or the next step would bring the old weights back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +153,10 @@ class DeepSpeedOptimizer:
         return self.optimizer.param_groups
 
     def backward(self, loss: torch.Tensor) -> None:
+        # What the engine's own forward does first (the trainer calls the module itself): under
+        # ZeRO-3 this advances the micro-step, without which each pass would overwrite the
+        # gradients of the previous ones instead of adding to them.
+        self.optimizer.clear_backward_seen_flag()
         # DeepSpeed averages gradients over ranks; the loss is normalised globally, so scale it
         # back up to make the average the sum.
         self.engine.backward(loss * self.world_size)
@@ -224,6 +230,57 @@ class DeepSpeedOptimizer:
     def weights_loaded(self) -> None:
         """The model's weights were replaced in place: make the fp32 masters follow."""
         self.optimizer.refresh_fp32_params()
+
+    # -- ZeRO-3: parameters live partitioned; these give whole ones where they are needed -------
+
+    def gather(self, params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+        """`params` whole on every rank for the duration (collective; read-only)."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[None]:
+        """Every parameter whole on this rank and DeepSpeed's module hooks off, so forwards run
+        without collectives and ranks may run different numbers of them (generation, no-grad
+        logprobs, evaluation, saving). Collective to enter and leave; read-only (use
+        `writable_weights` to change weights). Nothing to do below ZeRO-3."""
+        if self.stage != 3:
+            yield
+            return
+        offload = self.optimizer.parameter_offload
+        params = list(self.engine.module.parameters())
+        root = offload.module
+        # The root's start-of-forward hook syncs a step counter across ranks: it goes too.
+        start_hook = root._forward_pre_hooks[offload.fwd_pre_hook.id]
+        with self.gather(params):
+            for p in params:
+                p.ds_active_sub_modules.clear()
+            for hook in [*offload.forward_hooks, *offload.backward_hooks, offload.fwd_pre_hook]:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield
+            finally:
+                offload.fwd_pre_hook = root.register_forward_pre_hook(start_hook)
+                offload._register_deepspeed_module(root)
+
+    @contextlib.contextmanager
+    def writable_weights(self) -> Iterator[None]:
+        """Weights to overwrite in place on every rank (a rollback); under ZeRO-3 they are whole
+        inside and rank 0's values are partitioned back on exit. The fp32 masters follow."""
+        if self.stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(
+                list(self.engine.module.parameters()), modifier_rank=0
+            ):
+                yield
+        else:
+            yield
+        self.weights_loaded()
 
     def state_dict(self) -> dict:
         return {}  # per-rank partitions: see `partition_state`

@@ -26,7 +26,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,20 +303,40 @@ def token_stats(
         hidden = base(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
         ).last_hidden_state[mask]  # [M, H]
-    stats = fused_linear_token_logprobs(
-        hidden,  # [M, H]
-        model.get_output_embeddings().weight,  # [V, H]
-        batch.labels[mask],  # [M]
-        temperature=temperature,
-        with_entropy=True,
-        control_ids=control_ids,
-    )
+    head = model.get_output_embeddings()
+    labels = batch.labels[mask]  # [M]
+
+    def fused_head(h: torch.Tensor) -> tuple:
+        stats = fused_linear_token_logprobs(
+            h,  # [M, H]
+            head.weight,  # [V, H]
+            labels,
+            temperature=temperature,
+            with_entropy=True,
+            control_ids=control_ids,
+        )
+        return stats.logprobs, stats.entropy, stats.control_probs
+
+    if hasattr(head.weight, "ds_id"):  # ZeRO-3: the head's weight is whole only inside its call
+        token_logp, token_entropy, control_probs = call_as_forward(head, fused_head, hidden)
+    else:
+        token_logp, token_entropy, control_probs = fused_head(hidden)
     logp = torch.zeros(mask.shape, dtype=torch.float32)
-    logp = logp.masked_scatter(mask, stats.logprobs)  # [B, T]
+    logp = logp.masked_scatter(mask, token_logp)  # [B, T]
     entropy = torch.zeros(mask.shape, dtype=torch.float32).masked_scatter(
-        mask, stats.entropy
+        mask, token_entropy
     )  # [B, T]
-    return logp, entropy, stats.control_probs
+    return logp, entropy, control_probs
+
+
+def call_as_forward(module: torch.nn.Module, fn: Callable, *args: Any) -> Any:
+    """`fn(*args)` run as `module`'s forward, so the hooks on the module run around it (ZeRO-3
+    gathers the module's weights before and releases them after, and again for backward)."""
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        del module.forward
 
 
 def turn_start_rows(batch: Batch) -> torch.Tensor:
@@ -444,11 +464,6 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     dist = setup_distributed(cfg.distributed.backend)
     if dist.enabled:
-        if cfg.distributed.zero_stage == 3:
-            raise ConfigError(
-                "distributed.zero_stage: ZeRO-3 is not available yet (rollouts and the fused LM "
-                "head read full weights on every rank); use 2"
-            )
         for key, n in (("rl.prompts_per_step", cfg.rl.prompts_per_step),
                        ("sft.batch_size", cfg.sft.batch_size)):  # fmt: skip
             if n % dist.world_size:
@@ -527,6 +542,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         eval_sets=eval_sets,
         dist=dist,
     )
+    if run.optimizers.deepspeed is not None and hasattr(engine, "gather"):
+        engine.gather = run.optimizers.deepspeed.gather  # ZeRO-3: each tensor whole when synced
 
     def baseline() -> None:  # test success of the policy RL starts from
         if "sft_success" not in state["results"]:
@@ -559,9 +576,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         run.checkpoint()
     logger.close()
     final_dir = run_dir / "final"
-    if dist.is_main:
-        model.save_pretrained(final_dir)
-        tokenizer.save_pretrained(final_dir)
+    with run.full_weights():
+        if dist.is_main:
+            model.save_pretrained(final_dir)
+            tokenizer.save_pretrained(final_dir)
     summary = {
         "sft_success": results.get("sft_success"),
         "rl_success": results.get("rl_success"),
@@ -656,11 +674,16 @@ class Optimizers:
         """This rank's DeepSpeed optimizer partition (None in a single process)."""
         return self.deepspeed.partition_state() if self.deepspeed is not None else None
 
+    def writable_weights(self) -> contextlib.AbstractContextManager:
+        """Around loading weights into the model in place (see `DeepSpeedOptimizer`)."""
+        if self.deepspeed is None:
+            return contextlib.nullcontext()
+        return self.deepspeed.writable_weights()
+
     def rolled_back(self, checkpoint: Path, saved: dict[str, Any] | None, role: str) -> None:
-        """The weights of `checkpoint` were loaded in place: restore `role`'s optimizer state
-        saved with them (under DeepSpeed: this rank's partition, masters included)."""
+        """The weights of `checkpoint` were loaded in place (inside `writable_weights`): restore
+        `role`'s optimizer state saved with them (DeepSpeed: this rank's partition)."""
         if self.deepspeed is not None:
-            self.deepspeed.weights_loaded()
             if (saved or {}).get("deepspeed", {}).get("role") == role == self.ds_role:
                 self._load_partition(checkpoint, role)
             return
@@ -719,38 +742,66 @@ class Run:
             with open(staged, "rb+") as f:
                 os.fsync(f.fileno())
             self.dist.barrier()
-        if self.dist.is_main:
-            save_checkpoint(
-                self.cfg.run_dir,
-                tag,
-                self.model,
-                self.optimizers,
-                self.state,
-                keep=self.cfg.keep_checkpoints,
-                point_latest=not tag.startswith(SNAPSHOT_TAG),
-                tokenizer=self.tokenizer,
-                rank_rngs=rngs,
-                extra_files=parts,
-            )
+        with self.full_weights():
+            if self.dist.is_main:
+                save_checkpoint(
+                    self.cfg.run_dir,
+                    tag,
+                    self.model,
+                    self.optimizers,
+                    self.state,
+                    keep=self.cfg.keep_checkpoints,
+                    point_latest=not tag.startswith(SNAPSHOT_TAG),
+                    tokenizer=self.tokenizer,
+                    rank_rngs=rngs,
+                    extra_files=parts,
+                )
         self.dist.barrier()
         return root / tag
 
     def evaluate(self, split: str) -> dict[str, Any]:
         """Greedy evaluation of `split` on rank 0 (the others wait and get None for success)."""
-        if not self.dist.is_main:
+        self.sync_engine()  # generate with the weights the trainer has now
+        with self.generation():
+            if not self.dist.is_main:
+                self.dist.barrier()
+                return {"success": None}
+            summary, _ = evaluate_policy(
+                self.engine,
+                self.tokenizer,
+                self.world,
+                self.eval_sets[split],
+                self.limits,
+                batch_size=self.cfg.rollout.batch_size,
+            )
             self.dist.barrier()
-            return {"success": None}
-        self.engine.sync_weights()  # generate with the weights the trainer has now
-        summary, _ = evaluate_policy(
-            self.engine,
-            self.tokenizer,
-            self.world,
-            self.eval_sets[split],
-            self.limits,
-            batch_size=self.cfg.rollout.batch_size,
-        )
-        self.dist.barrier()
         return summary
+
+    def full_weights(self) -> contextlib.AbstractContextManager:
+        """Whole weights on this rank (ZeRO-3; otherwise nothing to do). Every rank enters."""
+        return full_weights(self.optimizers)
+
+    def generation(self) -> contextlib.AbstractContextManager:
+        """What generation needs: the HF engine runs the trainer's own modules, so under ZeRO-3
+        they must be whole; vLLM holds its own copy (synced by `sync_engine`)."""
+        if isinstance(self.engine, HFEngine):
+            return self.full_weights()
+        return contextlib.nullcontext()
+
+    def sync_engine(self) -> None:
+        """Push the trainer's weights into the engine; every rank calls it (under ZeRO-3 each
+        tensor is gathered on the way)."""
+        self.engine.sync_weights()
+
+
+def full_weights(optimizer: Any) -> contextlib.AbstractContextManager:
+    """Whole weights for forwards outside the training passes (ZeRO-3; see DeepSpeedOptimizer).
+    Every rank enters."""
+    if isinstance(optimizer, Optimizers):
+        optimizer = optimizer.deepspeed
+    if isinstance(optimizer, DeepSpeedOptimizer):
+        return optimizer.full_weights()
+    return contextlib.nullcontext()
 
 
 def backward(optimizer, loss: torch.Tensor) -> None:
@@ -916,7 +967,7 @@ def corrective_phase(run: Run, name: str, since: int) -> None:
         stats.update({"sft/failed_tasks": n_failed, "sft/reflections": n_reflections})
         log_sft_row(run, name, stats, optimizer)
     run.optimizers.drop("sft")
-    run.engine.sync_weights()
+    run.sync_engine()
 
 
 def clip_and_step(model, optimizer, grad_clip: float, *, skip: bool = False) -> float:
@@ -1064,7 +1115,13 @@ def rl_phase(run: Run, phase: Phase) -> None:
     if cfg.rl.kl_coef > 0:
         # The reference is the policy at the start of RL; it is saved once so that a resumed run
         # keeps measuring KL against the same weights.
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        with run.full_weights():  # under ZeRO-3 a fresh module of the gathered weights
+            if run.optimizers.deepspeed is not None and run.optimizers.deepspeed.stage == 3:
+                ref_model = type(model)(model.config).to(next(model.parameters()).dtype)
+                ref_model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+            else:
+                ref_model = copy.deepcopy(model)
+        ref_model.eval().requires_grad_(False)
         ref_path = Path(cfg.run_dir) / "reference.safetensors"
         if ref_path.exists():
             load_model_weights(ref_model, str(ref_path))
@@ -1082,7 +1139,7 @@ def rl_phase(run: Run, phase: Phase) -> None:
     ctrl = control_token_ids(run.tokenizer)
     control_ids = [ctrl[k] for k in CONTROL_KEYS]
     newline_id = run.tokenizer.encode("\n", add_special_tokens=False)[0]
-    run.engine.sync_weights()  # after SFT or a resume, the engine still holds older weights
+    run.sync_engine()  # after SFT or a resume, the engine still holds older weights
     m = cfg.monitor
     alarm = SpikeAlarm(m.alarm_threshold, m.alarm_min_history, m.alarm_alpha)
     alarm.load_state_dict(state.get("monitor", {}))
@@ -1101,7 +1158,7 @@ def rl_phase(run: Run, phase: Phase) -> None:
         # -- rollout
         t0 = time.time()
         run.engine.wake()
-        with nvtx_range("rollout"):
+        with nvtx_range("rollout"), run.generation():
             trajs, played = sample_groups(
                 cfg, run.engine, run.tokenizer, run.world, stream, run.limits, state, run.dist
             )
@@ -1180,7 +1237,7 @@ def rl_phase(run: Run, phase: Phase) -> None:
         # with the trainer's own parameters, so only its cached keys and values are dropped.
         t2 = time.time()
         with nvtx_range("sync"):
-            run.engine.sync_weights()
+            run.sync_engine()
         row["time/sync"] = time.time() - t2
         n_tokens = sum(t.num_tokens for t in played)
         row["throughput/tokens_per_s"] = n_tokens / max(1e-9, time.time() - t0)
@@ -1207,9 +1264,10 @@ def act_on(run: Run, guard: Guard, decision: Decision) -> None:
     if decision.save_candidate:
         run.checkpoint(SNAPSHOT_CANDIDATE)
     if decision.rollback:
-        _, saved = load_checkpoint(root / SNAPSHOT_TAG, run.model, restore_rng=False)
+        with run.optimizers.writable_weights():
+            _, saved = load_checkpoint(root / SNAPSHOT_TAG, run.model, restore_rng=False)
         run.optimizers.rolled_back(root / SNAPSHOT_TAG, saved, "rl")
-        run.engine.sync_weights()
+        run.sync_engine()
         if decision.action == "sft":
             # The RL phase's own step counter is kept aside while the corrective steps count.
             phase_step = state["phase_step"]
@@ -1271,7 +1329,7 @@ def policy_update(
     # The ratio's old policy: the trainer before this step's updates.
     old: dict[int, torch.Tensor] = {}
     if rl.updates_per_step > 1:
-        with torch.no_grad():
+        with torch.no_grad(), full_weights(optimizer):
             for group in micro_batches(trajs, budget, packing):
                 logp, _, _ = token_stats(model, collate(group, pad_id), temperature, packed=packing)
                 for t, lp in zip(group, logp):
@@ -1411,7 +1469,7 @@ def policy_update(
     if not grad_norms:
         # No trajectory carried a learning signal (every group agreed): no update, but the
         # policy's token metrics are still measured.
-        with torch.no_grad():
+        with torch.no_grad(), full_weights(optimizer):
             signal = [t for t in sampled if any(t.loss_mask)]
             for group in micro_batches(signal, budget, packing):
                 batch = collate(group, pad_id)

@@ -208,7 +208,8 @@ class VLLMEngine:
             return self._plan_cache
         vmodel = self.llm.collective_rpc(lambda worker: worker.model_runner.model)[0]
         fused = getattr(vmodel, "packed_modules_mapping", {}) or {}
-        shapes = {n: p.shape for n, p in self.model.named_parameters()}
+        # ZeRO-3 partitions keep the whole shape in `ds_shape`.
+        shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in self.model.named_parameters()}
         vnames = {n for n, _ in vmodel.named_parameters()}
         plan: dict[str, tuple[str, int]] = {}
         for name in shapes:
