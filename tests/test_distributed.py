@@ -131,3 +131,12 @@ def test_zero3_with_vllm_engines_stays_in_sync(tmp_path):
     for row in rl:
         assert row["rollout/logprob_diff_mean"] <= 1e-4, row
     assert json.loads((run / "summary.json").read_text())["engine"] == "vllm"
+
+
+def test_several_processes_without_deepspeed_name_the_fix(monkeypatch):
+    from fastrl.train import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import fails as if not installed
+    with pytest.raises(RuntimeError, match=r"pip install -e \.\[deepspeed\]"):
+        distributed.setup()

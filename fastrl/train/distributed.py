@@ -108,7 +108,13 @@ def setup(backend: str = "auto") -> Dist:
         return Dist()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise RuntimeError(
+            f"{world} processes train under DeepSpeed, which cannot be imported ({e}): "
+            "`pip install -e .[deepspeed]` (`make test` sets it up), or run one process"
+        ) from e
 
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
