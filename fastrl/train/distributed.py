@@ -1,4 +1,4 @@
-"""Data parallelism under torchrun with DeepSpeed ZeRO (config block `distributed`).
+"""Data parallelism under torchrun with DeepSpeed ZeRO-2 or ZeRO-3 (config block `distributed`).
 
     torchrun --nproc_per_node=2 -m fastrl train --config configs/smoke_deepspeed.yaml
 
@@ -19,6 +19,13 @@ master weights and AdamW moments, plain tensors) as `optim_rank<r>.pt` into the 
 run resumed with the same number of ranks continues exactly; with another number the moments
 restart (logged). Weights loaded into the model in place (a guard's rollback) are copied into the
 fp32 masters too, or the next step would bring the old weights back.
+
+Under ZeRO-3 the parameters are partitioned as well. The training passes run the modules (whose
+DeepSpeed hooks gather each one's weights as it runs, and again for backward); the fused LM head
+runs as the head module's forward for the same reason. Everything else that reads weights
+(generation on the HF engine, no-grad logprobs, evaluation, saving, the KL reference) runs inside
+`full_weights`: all parameters gathered once and the hooks removed, so ranks may run different
+numbers of forwards. The vLLM sync gathers one tensor at a time (`gather`).
 """
 
 from __future__ import annotations
