@@ -29,7 +29,6 @@ def _torchrun(*args, timeout=900):
     [
         ("token-mean", "adamw", 2),
         ("seq-mean-token-mean", "sgd", 2),
-        ("token-mean", "sgd", 2),
         ("token-mean", "sgd-rollback", 2),
         ("seq-mean-token-mean", "adamw", 3),
         ("token-mean", "sgd-rollback", 3),
@@ -60,13 +59,12 @@ def test_two_rank_update_equals_the_single_process_update(tmp_path, world, agg, 
     assert moved > 10  # the update changed the weights
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_torchrun_smoke_deepspeed(tmp_path, stage):
+def test_torchrun_smoke_deepspeed(tmp_path):
     """The outside check: torchrun --nproc_per_node=2 -m fastrl train --config
-    configs/smoke_deepspeed.yaml run_dir=DIR; and the same under ZeRO-3."""
+    configs/smoke_deepspeed.yaml run_dir=DIR. (Whole ZeRO-3 runs: the resume and vLLM tests.)"""
     run = tmp_path / "run"
     done = _torchrun("-m", "fastrl", "train", "--config", "configs/smoke_deepspeed.yaml",
-                     f"run_dir={run}", f"distributed.zero_stage={stage}")  # fmt: skip
+                     f"run_dir={run}")  # fmt: skip
     assert "rank 1 of 2 (gloo)" in done.stderr
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # written once, by rank 0
