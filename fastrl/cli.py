@@ -76,5 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     except errors as e:
         print(f"fastrl: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the summary is printed once
+        print(json.dumps(summary))
     return 0

@@ -71,6 +71,8 @@ def test_torchrun_smoke_deepspeed(tmp_path):
     assert [r["phase"] for r in rows] == ["sft"] * 3 + ["rl"] * 2
     summary = json.loads((run / "summary.json").read_text())
     assert summary["engine"] == "hf" and summary["rl_success"] is not None
+    printed = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [json.loads(line) for line in printed] == [summary]  # one summary line, rank 0's
     assert (run / "final" / "model.safetensors").exists()
 
 
