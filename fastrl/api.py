@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fastrl.config import Config, config_from_dict, load_config
+from fastrl.config import Config, ConfigError, config_from_dict, load_config
 
 
 def _as_config(config: Config | dict | str | Path | None, overrides: list[str] | None) -> Config:
@@ -60,6 +60,9 @@ def evaluate(
     from fastrl.rollout.engines import ScriptedEngine
     from fastrl.train.trainer import build_engine, build_policy, evaluate_policy, limits_of
 
+    if policy not in ("model", "oracle") and not policy.startswith("replay:"):
+        raise ConfigError(f"--policy must be model, oracle or replay:FILE.jsonl, got {policy!r}")
+    replay = read_replay(policy.split(":", 1)[1]) if policy.startswith("replay:") else None
     cfg = _as_config(config, overrides)
     if env is not None:
         cfg.env.name = env
@@ -80,11 +83,9 @@ def evaluate(
             tokenizer, {t.id: [m for turn in t.expert for m in turn] for t in tasks}
         )
         request_ids = [t.id for t in tasks]
-    elif policy.startswith("replay:"):
-        engine = ScriptedEngine(tokenizer, read_replay(policy.split(":", 1)[1]))
-        request_ids = [t.id for t in tasks]
     else:
-        raise ValueError(f"policy must be model, oracle or replay:FILE.jsonl, got {policy!r}")
+        engine = ScriptedEngine(tokenizer, replay)
+        request_ids = [t.id for t in tasks]
     summary, rows = evaluate_policy(
         engine,
         tokenizer,
@@ -107,6 +108,10 @@ def evaluate(
     return summary
 
 
+class ReplayError(ValueError):
+    """A malformed replay file (`fastrl eval --policy replay:FILE.jsonl`)."""
+
+
 def read_replay(path: str | Path) -> dict[str, list[str]]:
     """Replay file -> {task_id: [assistant messages]}; a malformed line is a clear error."""
     scripts: dict[str, list[str]] = {}
@@ -119,7 +124,7 @@ def read_replay(path: str | Path) -> dict[str, list[str]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            raise ReplayError(f"{path}:{lineno}: not JSON ({e.msg})") from None
         messages = row.get("messages") if isinstance(row, dict) else None
         if isinstance(messages, list):
             messages = [m.get("content") if isinstance(m, dict) else m for m in messages]
@@ -129,7 +134,7 @@ def read_replay(path: str | Path) -> dict[str, list[str]]:
             or not isinstance(messages, list)
             or not all(isinstance(m, str) for m in messages)
         ):
-            raise ValueError(
+            raise ReplayError(
                 f'{path}:{lineno}: expected {{"task_id": str, "messages": [str or '
                 f'{{"content": str}}, ...]}}'
             )

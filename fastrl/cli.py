@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    from fastrl.api import evaluate, train
+    from fastrl.api import ReplayError, evaluate, train
     from fastrl.config import ConfigError
 
-    errors: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
+    errors: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError, ReplayError)
     if args.verb == "report":
         errors += (ValueError,)  # a metrics file without rows
     try:
@@ -79,3 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the summary is printed once
         print(json.dumps(summary))
     return 0
+
+
+if __name__ == "__main__":  # python -m fastrl.cli ... (also torchrun -m fastrl.cli)
+    raise SystemExit(main())

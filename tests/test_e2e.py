@@ -1,10 +1,13 @@
 """End-to-end runs of configs/smoke.yaml: train, eval CLI, resume after a crash."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from fastrl.api import ReplayError, evaluate
 from fastrl.cli import main
 from fastrl.train import trainer
 
@@ -164,23 +167,25 @@ def test_eval_cli_model_and_oracle_and_replay(smoke_run, tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["n"] == 3
 
 
-def test_bad_replay_file_is_a_clear_error(tmp_path):
+def test_bad_replay_file_or_policy_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": 3}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1"):
-        main(
-            [
-                "eval",
-                "--policy",
-                f"replay:{bad}",
-                "--config",
-                "configs/smoke.yaml",
-                "--out",
-                str(tmp_path / "o"),
-                "--limit",
-                "2",
-            ]
-        )
+    common = ["--config", "configs/smoke.yaml", "--out", str(tmp_path / "o"), "--limit", "2"]
+    assert main(["eval", "--policy", f"replay:{bad}", *common]) == 2
+    assert "bad.jsonl:1: expected" in capsys.readouterr().err
+    assert main(["eval", "--policy", "gpt", *common]) == 2
+    assert (
+        "--policy must be model, oracle or replay:FILE.jsonl, got 'gpt'" in capsys.readouterr().err
+    )
+    with pytest.raises(ReplayError, match="bad.jsonl:1"):  # the API raises it
+        evaluate("test", policy=f"replay:{bad}", config="configs/smoke.yaml", limit=2)
+
+
+def test_python_m_fastrl_cli_runs_the_cli():
+    done = subprocess.run(
+        [sys.executable, "-m", "fastrl.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and "train" in done.stdout and "report" in done.stdout
 
 
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):

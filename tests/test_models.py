@@ -305,3 +305,12 @@ def test_last_layer_starts_with_a_copying_head(tiny_dir):
         other = attn.o_proj.weight[:, :d] @ attn.v_proj.weight[:d]
         rand = ((emb @ other @ emb.T).argmax(0) == torch.arange(emb.shape[0])).float().mean()
     assert rand < 0.2
+
+
+def test_presets_are_part_of_the_package_api():
+    import fastrl
+    from fastrl.models import PRESETS
+
+    assert fastrl.PRESETS is PRESETS and "tiny" in fastrl.PRESETS
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        fastrl.Nope  # noqa: B018
