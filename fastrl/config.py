@@ -168,7 +168,9 @@ class RLConfig:
     # Extra sampling rounds allowed by dynamic_sampling=refill.
     max_refill_rounds: int = 2
     # Exclude trajectories cut by a length or turn limit from the loss (DAPO overlong filtering).
-    mask_truncated: bool = True
+    # Off by default (as TRL): a multi-turn episode is mostly cut by an error loop reaching the
+    # turn limit, and masking it leaves loops unpunished (their share grew under RL when masked).
+    mask_truncated: bool = False
     # Scale of negative advantages (1 is plain GRPO; 0 trains on better-than-average samples only).
     # Failed multi-turn samples are long and full of low-probability tokens, so at full weight
     # their push-down can dominate the update and drag down the tokens successes share with them.

@@ -383,3 +383,11 @@ def test_out_of_memory_names_the_micro_batch_and_its_tokens(tiny_policy, world, 
                         tok.pad_token_id, 1.0, None, None, 0)  # fmt: skip
     tokens = sum(t.num_tokens for t in groups[1])
     assert f"{len(groups[1])} sequences, {tokens} tokens" in str(err.value)
+
+
+def test_mask_truncated_keeps_cut_episodes_out_of_the_loss_only_when_asked():
+    cut = Trajectory("a", 0, [1], truncated=True)
+    whole = Trajectory("b", 0, [1])
+    assert T.loss_members([cut, whole], mask_truncated=True) == [whole]
+    assert T.loss_members([cut, whole], mask_truncated=False) == [cut, whole]
+    assert load_config(None, []).rl.mask_truncated is False  # loops are failures the loss sees

@@ -11,7 +11,9 @@ group-normalised advantages, and update the policy with the clipped loss on the 
   `rollout/logprob_diff_mean` reports how far the engine's logprobs are from it;
 - with no KL and no entropy term, trajectories whose advantage is 0 add nothing to the gradient,
   so they are not run through the model; they still count in the token-mean denominator;
-- trajectories cut by a limit are masked out of the loss (`rl.mask_truncated`);
+- trajectories cut by a limit can be masked out of the loss (`rl.mask_truncated`, off by default:
+  in multi-turn tool use most cuts are error loops that reach the turn limit, a failure the loss
+  should see);
 - groups with no reward variance can be dropped or refilled (`rl.dynamic_sampling`).
 """
 
@@ -1200,7 +1202,7 @@ def rl_phase(run: Run, phase: Phase) -> None:
             experts = expert_trajectories(run.tokenizer, run.world, run.share(chosen), run.limits)
         if trajs:
             assign_advantages(trajs, cfg.rl.advantage, cfg.rl.negative_weight)
-            trained = [t for t in trajs if not (cfg.rl.mask_truncated and t.truncated)]
+            trained = loss_members(trajs, cfg.rl.mask_truncated)
             row["rollout/masked_truncated"] = 1 - len(trained) / len(trajs)
             lr_scale = guard.lr_scale if guard is not None else 1.0
             stats = policy_update(
@@ -1276,6 +1278,12 @@ def act_on(run: Run, guard: Guard, decision: Decision) -> None:
             corrective_phase(run, "guard_sft", since)
             state["phase_step"] = phase_step
     state["guard"] = guard.state_dict()
+
+
+def loss_members(trajs: list[Trajectory], mask_truncated: bool) -> list[Trajectory]:
+    """The trajectories the policy loss trains on: all, or (overlong filtering) the uncut ones.
+    Masked ones still count in the advantages of their group and in the loss denominators."""
+    return [t for t in trajs if not (mask_truncated and t.truncated)]
 
 
 def assign_advantages(trajs: list[Trajectory], estimator: str, negative_weight: float) -> None:
