@@ -58,7 +58,13 @@ def evaluate(
     from fastrl.envs import get_world
     from fastrl.envs.base import set_tool_timeout
     from fastrl.rollout.engines import ScriptedEngine
-    from fastrl.train.trainer import build_engine, build_policy, evaluate_policy, limits_of
+    from fastrl.train.trainer import (
+        build_engine,
+        build_policy,
+        evaluate_policy,
+        limits_of,
+        training_device,
+    )
 
     if policy not in ("model", "oracle") and not policy.startswith("replay:"):
         raise ConfigError(f"--policy must be model, oracle or replay:FILE.jsonl, got {policy!r}")
@@ -73,6 +79,7 @@ def evaluate(
     world = get_world(cfg.env.name)
     tasks = world.tasks(split, limit or cfg.env.eval_tasks, seed=cfg.env.seed)
     net, tokenizer, model_dir = build_policy(cfg)
+    net.to(training_device(cfg.model.device))
     request_ids = None
     engine_used = "scripted"
     if policy == "model":  # rollout.engine decides (vLLM when it imports, by default)

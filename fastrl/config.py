@@ -50,6 +50,9 @@ class ModelConfig:
     name: str = "tiny"
     # Parameter dtype for training: float32 | bfloat16.
     dtype: str = "float32"
+    # Where the policy trains: auto (this process's CUDA device when CUDA is available, else the
+    # CPU) | cuda | cpu.
+    device: str = "auto"
     # BPE vocabulary size of a preset's tokenizer (presets only).
     vocab_size: int = 2048
     # Seed of a preset's random initialisation (presets only).
@@ -406,6 +409,7 @@ class Config:
         splits = tuple(getattr(world, "splits", ("train", "test", "format_ood", "content_ood")))
         checks: list[tuple[str, bool, str]] = [
             ("model.dtype", self.model.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
+            ("model.device", self.model.device in ("auto", "cuda", "cpu"), "auto, cuda or cpu"),
             ("model.vocab_size", self.model.vocab_size >= 300, ">= 300"),
             ("model.attention", self.model.attention in ATTENTIONS, f"one of {ATTENTIONS}"),
             ("env.name", self.env.name in ENVS, f"one of {sorted(ENVS)}"),

@@ -48,6 +48,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
         ("rollout.max_turn_tokens=5000", "rollout.max_turn_tokens"),
         ("optim.betas=[0.9]", "optim.betas"),
         ("rl=3", "rl"),
+        ("model.device=tpu", "model.device"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

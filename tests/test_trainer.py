@@ -1,11 +1,12 @@
 import copy
+import json
 import math
 
 import pytest
 import torch
 
 from fastrl.algo.losses import get_policy_loss
-from fastrl.config import load_config
+from fastrl.config import ConfigError, load_config
 from fastrl.rollout.engines import ScriptedEngine
 from fastrl.rollout.loop import Limits
 from fastrl.rollout.types import Trajectory
@@ -391,3 +392,34 @@ def test_mask_truncated_keeps_cut_episodes_out_of_the_loss_only_when_asked():
     assert T.loss_members([cut, whole], mask_truncated=True) == [whole]
     assert T.loss_members([cut, whole], mask_truncated=False) == [cut, whole]
     assert load_config(None, []).rl.mask_truncated is False  # loops are failures the loss sees
+
+
+def test_training_device_and_batches_on_it():
+    assert T.training_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert T.training_device("auto").type == "cuda"
+    else:
+        assert T.training_device("auto") == torch.device("cpu")
+        with pytest.raises(ConfigError, match="model.device"):
+            T.training_device("cuda")
+    traj = Trajectory("a", 0, [5, 6, 7], response_ids=[8, 9], loss_mask=[1, 1],
+                      engine_logprobs=[-0.5, -0.25])  # fmt: skip
+    short = Trajectory("b", 0, [5], response_ids=[8], loss_mask=[1], engine_logprobs=[-1.0])
+    batch = T.collate([traj, short], pad_id=0, device="cpu")
+    assert (batch.n_real, batch.longest) == (7, 5)  # host counts: packing never syncs
+    assert int(batch.attention_mask.sum()) == batch.n_real
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_smoke_run_trains_on_the_gpu(tmp_path, caplog):
+    """The single-process smoke run with the policy on CUDA (HF engine): finite losses, weights
+    on the device, a loadable final model."""
+    from fastrl.api import train
+
+    with caplog.at_level("INFO", logger="fastrl.train"):
+        summary = train("configs/smoke.yaml", [f"run_dir={tmp_path}", "rollout.engine=hf"])
+    assert "training device: cuda" in caplog.text
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert summary["rl_success"] is not None and (tmp_path / "final" / "config.json").exists()

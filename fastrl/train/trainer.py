@@ -165,6 +165,16 @@ def build_engine(cfg: Config, model: torch.nn.Module, model_dir: str, pad_id: in
     return engine, name
 
 
+def training_device(choice: str) -> torch.device:
+    """The device `model.device` names: `auto` is this process's CUDA device when CUDA is
+    available (under torchrun, LOCAL_RANK's, selected at set-up), else the CPU."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("model.device: cuda, but this torch has no CUDA device (use cpu or auto)")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def limits_of(cfg: Config) -> Limits:
     r = cfg.rollout
     return Limits(r.max_turns, r.max_turn_tokens, r.max_obs_tokens, r.max_total_tokens)
@@ -216,9 +226,20 @@ class Batch:
     labels: torch.Tensor  # [B, T] next token (0 where not a target)
     engine_logprobs: torch.Tensor  # [B, T] engine logprob of the label token
     sampled: torch.Tensor  # [B] bool: the row's tokens were sampled from the plain prompt
+    # Known on the host, so packing never reads a count back from the device.
+    n_real: int = 0  # real (non-pad) tokens
+    longest: int = 0  # longest row
 
 
-def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device the model's parameters live on (ZeRO-3 placeholders report theirs too)."""
+    return next(model.parameters()).device
+
+
+def collate(
+    trajs: list[Trajectory], pad_id: int, device: torch.device | str | None = None
+) -> Batch:
+    """Right-pad `trajs` into a Batch, built on the host and copied to `device` when given."""
     width = max(t.num_tokens for t in trajs)
     B = len(trajs)
     input_ids = torch.full((B, width), pad_id, dtype=torch.long)
@@ -237,7 +258,11 @@ def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
             engine_lp[row, p - 1 : n - 1] = torch.tensor(t.engine_logprobs, dtype=torch.float32)
     # Expert members have no engine logprobs; hinted members' were taken in another context.
     sampled = torch.tensor([t.source == "policy" for t in trajs], dtype=torch.bool)
-    return Batch(input_ids, attention_mask, target_mask, labels, engine_lp, sampled)
+    tensors = [input_ids, attention_mask, target_mask, labels, engine_lp, sampled]
+    if device is not None and torch.device(device) != input_ids.device:
+        tensors = [x.to(device, non_blocking=True) for x in tensors]
+    n_real = sum(t.num_tokens for t in trajs)
+    return Batch(*tensors, n_real=n_real, longest=width)
 
 
 def micro_batches(
@@ -284,11 +309,12 @@ def token_stats(
     base = getattr(model, model.base_model_prefix)
     mask = batch.target_mask  # [B, T]
     if packed:
-        ids, cu_seqlens = pack(batch.input_ids, batch.attention_mask)  # [N], [B + 1]
-        positions = position_ids(cu_seqlens, ids.shape[0])  # [N]
+        # Sizes from the host-side counts: no device-to-host sync.
+        ids, cu_seqlens = pack(batch.input_ids, batch.attention_mask, total=batch.n_real)
+        positions = position_ids(cu_seqlens, batch.n_real)  # [N]
         kwargs = {}
         if model.config._attn_implementation == ATTN_IMPLEMENTATION:
-            longest = int(batch.attention_mask.sum(1).max())  # host tensor: no device sync
+            longest = batch.longest
             kwargs = dict(
                 attention_mask=no_mask(model),
                 cu_seq_lens_q=cu_seqlens,
@@ -299,7 +325,8 @@ def token_stats(
         hidden = base(
             input_ids=ids[None], position_ids=positions[None], use_cache=False, **kwargs
         ).last_hidden_state[0]  # [N, H]
-        targets, _ = pack(mask, batch.attention_mask)  # [N] bool, row-major target positions
+        # [N] bool, row-major target positions
+        targets, _ = pack(mask, batch.attention_mask, total=batch.n_real)
         hidden = hidden[targets]  # [M, H]
     else:
         hidden = base(
@@ -323,9 +350,9 @@ def token_stats(
         token_logp, token_entropy, control_probs = call_as_forward(head, fused_head, hidden)
     else:
         token_logp, token_entropy, control_probs = fused_head(hidden)
-    logp = torch.zeros(mask.shape, dtype=torch.float32)
+    logp = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     logp = logp.masked_scatter(mask, token_logp)  # [B, T]
-    entropy = torch.zeros(mask.shape, dtype=torch.float32).masked_scatter(
+    entropy = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(
         mask, token_entropy
     )  # [B, T]
     return logp, entropy, control_probs
@@ -482,6 +509,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     model, tokenizer, model_dir = build_policy(cfg)
     if dist.enabled and dist.is_main:
         dist.barrier()
+    device = training_device(cfg.model.device)
+    model.to(device)
+    log.info("training device: %s (model.device=%s)", device, cfg.model.device)
     if cfg.model.liger:
         try:
             apply_liger(model)
@@ -870,7 +900,7 @@ def sft_step(run: Run, optimizer, trajs: list[Trajectory], lr: float) -> dict[st
 
     def make_pass(group):
         def run_pass():
-            batch = collate(group, run.pad_id)
+            batch = collate(group, run.pad_id, model_device(run.model))
             with nvtx_range("forward"):
                 logp, _, _ = token_stats(run.model, batch, packed=cfg.optim.packing)
             if cfg.sft.loss_agg == "token-mean":
@@ -1339,7 +1369,8 @@ def policy_update(
     if rl.updates_per_step > 1:
         with torch.no_grad(), full_weights(optimizer):
             for group in micro_batches(trajs, budget, packing):
-                logp, _, _ = token_stats(model, collate(group, pad_id), temperature, packed=packing)
+                batch = collate(group, pad_id, model_device(model))
+                logp, _, _ = token_stats(model, batch, temperature, packed=packing)
                 for t, lp in zip(group, logp):
                     old[id(t)] = lp[: t.num_tokens]  # [T_t] without this batch's padding
     sums: dict[str, float] = {}
@@ -1368,7 +1399,7 @@ def policy_update(
 
         def make_pass(group, n_tokens=n_tokens, n_rows=n_rows):
             def run_pass():
-                batch = collate(group, pad_id)
+                batch = collate(group, pad_id, model_device(model))
                 mask = batch.target_mask.float()  # [B, T]
                 with nvtx_range("forward"):
                     logp, entropy, ctrl_probs = token_stats(
@@ -1383,7 +1414,9 @@ def policy_update(
                 if ref_model is not None:
                     with torch.no_grad():
                         ref_lp, _, _ = token_stats(ref_model, batch, temperature, packed=packing)
-                adv = torch.tensor([t.info["advantage"] for t in group], dtype=torch.float32)  # [B]
+                adv = torch.tensor(
+                    [t.info["advantage"] for t in group], dtype=torch.float32, device=mask.device
+                )  # [B]
                 g_tokens = mask.sum().item()
                 if rl.tis_cap is not None:
                     # Truncated IS: the engine sampled them, the trainer's old policy scores. Expert
@@ -1395,10 +1428,10 @@ def policy_update(
                     adv = adv[:, None] * tis * mask  # [B, T]
                     mean_tis = (tis * mask).sum().item() / max(1.0, g_tokens)
                     add("rollout/tis_weight_mean", mean_tis, g_tokens)
-                shaped = (
-                    torch.tensor([t.source == "expert" for t in group], dtype=torch.bool)
-                    if luffy
-                    else torch.zeros(len(group), dtype=torch.bool)
+                shaped = torch.tensor(
+                    [luffy and t.source == "expert" for t in group],
+                    dtype=torch.bool,
+                    device=mask.device,
                 )  # [B] rows under LUFFY's shaping
                 plain_mask = mask * ~shaped[:, None]  # [B, T]
                 loss = logp.new_zeros(())
@@ -1480,7 +1513,7 @@ def policy_update(
         with torch.no_grad(), full_weights(optimizer):
             signal = [t for t in sampled if any(t.loss_mask)]
             for group in micro_batches(signal, budget, packing):
-                batch = collate(group, pad_id)
+                batch = collate(group, pad_id, model_device(model))
                 logp, entropy, ctrl_probs = token_stats(
                     model, batch, temperature, control_ids, packing
                 )
@@ -1507,7 +1540,7 @@ def mixed_passes(cfg, model, experts, pad_id: int, weight: float, dist: Dist, ad
 
     def make_pass(group):
         def run_pass():
-            batch = collate(group, pad_id)
+            batch = collate(group, pad_id, model_device(model))
             logp, _, _ = token_stats(model, batch, packed=cfg.optim.packing)
             share = batch.target_mask.sum().item() / max(1, n_tokens)
             loss = mixed_sft_loss(logp, batch.target_mask, chord_phi=mixed.chord_phi) * share
