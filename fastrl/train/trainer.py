@@ -1149,7 +1149,9 @@ def rl_phase(run: Run, phase: Phase) -> None:
         # keeps measuring KL against the same weights.
         with run.full_weights():  # under ZeRO-3 a fresh module of the gathered weights
             if run.optimizers.deepspeed is not None and run.optimizers.deepspeed.stage == 3:
-                ref_model = type(model)(model.config).to(next(model.parameters()).dtype)
+                ref_model = type(model)(model.config).to(
+                    model_device(model), next(model.parameters()).dtype
+                )
                 ref_model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
             else:
                 ref_model = copy.deepcopy(model)
