@@ -63,6 +63,11 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def device(self) -> str:
+        """Where collective tensors live: NCCL reduces CUDA tensors only."""
+        return "cuda" if self.backend == "nccl" else "cpu"
+
     def barrier(self) -> None:
         if self.enabled:
             torch.distributed.barrier()
@@ -71,14 +76,14 @@ class Dist:
         """Element-wise sum over ranks."""
         if not self.enabled:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         return t.tolist()
 
     def all_max(self, value: float) -> float:
         if not self.enabled:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return float(t.item())
 
@@ -125,10 +130,10 @@ def setup(backend: str = "auto") -> Dist:
 
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():  # before NCCL starts, so each rank's communicator uses its card
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist = Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), backend)
     log.info("rank %d of %d (%s)", dist.rank, dist.world_size, backend)
     return dist
