@@ -115,11 +115,14 @@ def bench_model(args, device) -> list[dict]:
     target = mask.clone()
     target[:, :-1] &= mask[:, 1:]
     target[:, -1] = False
-    batch = Batch(
-        input_ids=ids, attention_mask=mask.long(), target_mask=target,
-        labels=torch.roll(ids, -1, 1) * target, engine_logprobs=torch.zeros(args.b, args.t),
-    )  # fmt: skip
     tokens = int(mask.sum())
+    batch = Batch(
+        input_ids=ids.to(device), attention_mask=mask.long().to(device),
+        target_mask=target.to(device), labels=(torch.roll(ids, -1, 1) * target).to(device),
+        engine_logprobs=torch.zeros(args.b, args.t, device=device),
+        sampled=torch.ones(args.b, dtype=torch.bool, device=device),
+        n_real=tokens, longest=int(mask.sum(1).max()),
+    )  # fmt: skip
     print(
         f"\nforward+backward: {config.num_hidden_layers} layers, H={config.hidden_size}, {dtype}, "
         f"B={args.b}, T<={args.t}, {tokens} real tokens ({tokens / mask.numel():.0%} of padded)"
