@@ -251,13 +251,16 @@ class DeepSpeedOptimizer:
 
     # -- ZeRO-3: parameters live partitioned; these give whole ones where they are needed -------
 
-    def gather(self, params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
-        """`params` whole on every rank for the duration (collective; read-only)."""
+    def gather(
+        self, params: list[torch.nn.Parameter], modifier_rank: int | None = None
+    ) -> contextlib.AbstractContextManager:
+        """`params` whole on every rank for the duration (collective). Read-only, or with
+        `modifier_rank` that rank's values are partitioned back on exit."""
         if self.stage != 3:
             return contextlib.nullcontext()
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
     @contextlib.contextmanager
     def full_weights(self) -> Iterator[None]:
@@ -289,14 +292,7 @@ class DeepSpeedOptimizer:
     def writable_weights(self) -> Iterator[None]:
         """Weights to overwrite in place on every rank (a rollback); under ZeRO-3 they are whole
         inside and rank 0's values are partitioned back on exit. The fp32 masters follow."""
-        if self.stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(
-                list(self.engine.module.parameters()), modifier_rank=0
-            ):
-                yield
-        else:
+        with self.gather(list(self.engine.module.parameters()), modifier_rank=0):
             yield
         self.weights_loaded()
 

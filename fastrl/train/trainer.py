@@ -227,8 +227,8 @@ class Batch:
     engine_logprobs: torch.Tensor  # [B, T] engine logprob of the label token
     sampled: torch.Tensor  # [B] bool: the row's tokens were sampled from the plain prompt
     # Known on the host, so packing never reads a count back from the device.
-    n_real: int = 0  # real (non-pad) tokens
-    longest: int = 0  # longest row
+    n_real: int  # real (non-pad) tokens
+    longest: int  # longest row
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -793,7 +793,7 @@ class Run:
 
     def evaluate(self, split: str) -> dict[str, Any]:
         """Greedy evaluation of `split` on rank 0 (the others wait and get None for success)."""
-        self.sync_engine()  # generate with the weights the trainer has now
+        self.engine.sync_weights()  # generate with the weights the trainer has now
         with self.generation():
             if not self.dist.is_main:
                 self.dist.barrier()
@@ -815,15 +815,11 @@ class Run:
 
     def generation(self) -> contextlib.AbstractContextManager:
         """What generation needs: the HF engine runs the trainer's own modules, so under ZeRO-3
-        they must be whole; vLLM holds its own copy (synced by `sync_engine`)."""
+        they must be whole; vLLM holds its own copy, refreshed by `engine.sync_weights()` (called
+        on every rank: under ZeRO-3 it gathers each tensor)."""
         if isinstance(self.engine, HFEngine):
             return self.full_weights()
         return contextlib.nullcontext()
-
-    def sync_engine(self) -> None:
-        """Push the trainer's weights into the engine; every rank calls it (under ZeRO-3 each
-        tensor is gathered on the way)."""
-        self.engine.sync_weights()
 
 
 def full_weights(optimizer: Any) -> contextlib.AbstractContextManager:
@@ -999,7 +995,7 @@ def corrective_phase(run: Run, name: str, since: int) -> None:
         stats.update({"sft/failed_tasks": n_failed, "sft/reflections": n_reflections})
         log_sft_row(run, name, stats, optimizer)
     run.optimizers.drop("sft")
-    run.sync_engine()
+    run.engine.sync_weights()
 
 
 def clip_and_step(model, optimizer, grad_clip: float, *, skip: bool = False) -> float:
@@ -1173,7 +1169,7 @@ def rl_phase(run: Run, phase: Phase) -> None:
     ctrl = control_token_ids(run.tokenizer)
     control_ids = [ctrl[k] for k in CONTROL_KEYS]
     newline_id = run.tokenizer.encode("\n", add_special_tokens=False)[0]
-    run.sync_engine()  # after SFT or a resume, the engine still holds older weights
+    run.engine.sync_weights()  # after SFT or a resume, the engine still holds older weights
     m = cfg.monitor
     alarm = SpikeAlarm(m.alarm_threshold, m.alarm_min_history, m.alarm_alpha)
     alarm.load_state_dict(state.get("monitor", {}))
@@ -1271,7 +1267,7 @@ def rl_phase(run: Run, phase: Phase) -> None:
         # with the trainer's own parameters, so only its cached keys and values are dropped.
         t2 = time.time()
         with nvtx_range("sync"):
-            run.sync_engine()
+            run.engine.sync_weights()
         row["time/sync"] = time.time() - t2
         n_tokens = sum(t.num_tokens for t in played)
         row["throughput/tokens_per_s"] = n_tokens / max(1e-9, time.time() - t0)
@@ -1301,7 +1297,7 @@ def act_on(run: Run, guard: Guard, decision: Decision) -> None:
         with run.optimizers.writable_weights():
             _, saved = load_checkpoint(root / SNAPSHOT_TAG, run.model, restore_rng=False)
         run.optimizers.rolled_back(root / SNAPSHOT_TAG, saved, "rl")
-        run.sync_engine()
+        run.engine.sync_weights()
         if decision.action == "sft":
             # The RL phase's own step counter is kept aside while the corrective steps count.
             phase_step = state["phase_step"]
