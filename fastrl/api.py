@@ -47,6 +47,8 @@ def evaluate(
     env: str | None = None,
     limit: int | None = None,
     out: str | Path | None = None,
+    samples: int = 0,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
     """Greedy evaluation of a policy on one split.
 
@@ -54,6 +56,12 @@ def evaluate(
     config's), `oracle` (each task's expert messages) or `replay:FILE.jsonl` (lines of
     `{"task_id": ..., "messages": [assistant message texts in order]}`). With `out`, writes
     `out/summary.json` and `out/results.jsonl`. Returns the summary.
+
+    With `samples` = k > 0 (policy `model` only), each task is also played k times at
+    `temperature`: the summary adds `sampled_success` (mean over those episodes), `pass_at_k`
+    (tasks solved by at least one sample), `solved_only_by_samples` (tasks greedy decoding fails
+    that a sample solves) and each row `sampled_successes`. Those are the tasks a GRPO group can
+    be rewarded on, so `pass_at_k` bounds what sampling-based RL can teach from this policy.
     """
     from fastrl.envs import get_world
     from fastrl.envs.base import set_tool_timeout
@@ -63,11 +71,18 @@ def evaluate(
         build_policy,
         evaluate_policy,
         limits_of,
+        sampled_successes,
         training_device,
     )
 
     if policy not in ("model", "oracle") and not policy.startswith("replay:"):
         raise ConfigError(f"--policy must be model, oracle or replay:FILE.jsonl, got {policy!r}")
+    if samples < 0:
+        raise ConfigError(f"--samples must be >= 0, got {samples}")
+    if samples and policy != "model":
+        raise ConfigError(f"--samples needs --policy model (a {policy} policy does not sample)")
+    if samples and not temperature > 0:
+        raise ConfigError(f"--temperature must be > 0 to sample, got {temperature}")
     replay = read_replay(policy.split(":", 1)[1]) if policy.startswith("replay:") else None
     cfg = _as_config(config, overrides)
     if env is not None:
@@ -105,6 +120,27 @@ def evaluate(
     summary.update(
         split=split, env=cfg.env.name, policy=policy, model=cfg.model.name, engine=engine_used
     )
+    if samples:
+        solved = sampled_successes(
+            engine,
+            tokenizer,
+            world,
+            tasks,
+            limits_of(cfg),
+            samples=samples,
+            temperature=temperature,
+            batch_size=cfg.rollout.batch_size,
+        )
+        for row, k in zip(rows, solved):
+            row["sampled_successes"] = k
+        n = max(1, len(rows))
+        summary.update(
+            samples=samples,
+            temperature=temperature,
+            sampled_success=sum(solved) / (n * samples),
+            pass_at_k=sum(k > 0 for k in solved) / n,
+            solved_only_by_samples=sum(k > 0 and not r["success"] for r, k in zip(rows, solved)),
+        )
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

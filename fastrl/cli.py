@@ -30,6 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--limit", type=int, default=None, help="number of tasks (default env.eval_tasks)"
     )
+    e.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        help="also sample N episodes per task (policy model) and report sampled success and "
+        "pass_at_k: the tasks a GRPO group can be rewarded on",
+    )
+    e.add_argument("--temperature", type=float, default=1.0, help="temperature of --samples")
     e.add_argument("overrides", nargs="*", help="dotted config overrides")
 
     d = sub.add_parser("demo", help="the main job on the built-in default; prints a JSON summary")
@@ -72,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                 env=args.env,
                 limit=args.limit,
                 out=args.out,
+                samples=args.samples,
+                temperature=args.temperature,
             )
     except errors as e:
         print(f"fastrl: error: {e}", file=sys.stderr)

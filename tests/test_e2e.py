@@ -167,6 +167,28 @@ def test_eval_cli_model_and_oracle_and_replay(smoke_run, tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["n"] == 3
 
 
+def test_eval_samples_report_pass_at_k(smoke_run, tmp_path, capsys):
+    summary = evaluate(
+        "test",
+        model=str(smoke_run / "final"),
+        config="configs/smoke.yaml",
+        limit=3,
+        samples=2,
+        temperature=1.0,
+        out=tmp_path,
+    )
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert summary["samples"] == 2 and summary["temperature"] == 1.0
+    assert [0 <= r["sampled_successes"] <= 2 for r in rows] == [True] * 3
+    assert summary["sampled_success"] == sum(r["sampled_successes"] for r in rows) / 6
+    assert summary["pass_at_k"] == sum(r["sampled_successes"] > 0 for r in rows) / 3
+    common = ["--config", "configs/smoke.yaml", "--out", str(tmp_path / "o"), "--limit", "2"]
+    assert main(["eval", "--policy", "oracle", "--samples", "2", *common]) == 2
+    assert "--samples needs --policy model" in capsys.readouterr().err
+    assert main(["eval", "--samples", "2", "--temperature", "0", *common]) == 2
+    assert "--temperature must be > 0" in capsys.readouterr().err
+
+
 def test_bad_replay_file_or_policy_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": 3}\n')

@@ -63,6 +63,31 @@ class HalfRight(ScriptedEngine):
         return super().generate(prompts, sampling, request_ids)
 
 
+def test_sampled_successes_counts_each_tasks_solved_samples(tiny_policy, world):
+    _, tok, _ = tiny_policy
+    tasks = world.tasks("test", 3)
+    expert = {t.id: [m for turn in t.expert for m in turn] for t in tasks}
+    # episode j of task i plays the expert when j < i: task i is solved by i of its 3 samples
+    scripts = {
+        f"{t.id}#{j}": expert[t.id] if j < i else ["I do not know."]
+        for i, t in enumerate(tasks)
+        for j in range(3)
+    }
+    rids = [f"{t.id}#{j}" for t in tasks for j in range(3)]
+    solved = T.sampled_successes(
+        ScriptedEngine(tok, scripts),
+        tok,
+        world,
+        tasks,
+        Limits(max_total_tokens=4096),
+        samples=3,
+        temperature=1.0,
+        batch_size=4,  # batches cut across tasks
+        request_ids=rids,
+    )
+    assert solved == [0, 1, 2]
+
+
 @pytest.mark.parametrize("mode, expected_groups", [("off", 4), ("drop", 2), ("refill", 4)])
 def test_dynamic_sampling(tiny_policy, world, mode, expected_groups):
     _, tok, _ = tiny_policy

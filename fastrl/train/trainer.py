@@ -442,6 +442,39 @@ def evaluate_policy(
     return summary, rows
 
 
+def sampled_successes(
+    engine,
+    tokenizer,
+    world,
+    tasks: list[Task],
+    limits: Limits,
+    *,
+    samples: int,
+    temperature: float,
+    batch_size: int = 128,
+    request_ids: list[str] | None = None,
+) -> list[int]:
+    """Solved episodes out of `samples` sampled at `temperature`, per task (in `tasks`' order).
+
+    `request_ids`, when given, names every episode, task-major (`samples` per task in a row).
+    """
+    episodes = [t for t in tasks for _ in range(samples)]
+    solved: dict[str, int] = {t.id: 0 for t in tasks}
+    for start in range(0, len(episodes), batch_size):
+        rids = request_ids[start : start + batch_size] if request_ids else None
+        for t in run_episodes(
+            engine,
+            tokenizer,
+            episodes[start : start + batch_size],
+            world.make_env,
+            limits=limits,
+            temperature=temperature,
+            request_ids=rids,
+        ):
+            solved[t.task_id] += int(t.success)
+    return [solved[t.id] for t in tasks]
+
+
 def demonstrated(cfg: Config, train_tasks: list[Task]) -> list[Task]:
     """The train tasks SFT shows expert trajectories of (`sft.max_expert_calls`)."""
     if not cfg.sft.max_expert_calls:
