@@ -30,7 +30,10 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# FASTRL_BENCH_RESULTS redirects the results files (e.g. a test's temporary directory).
+RESULTS_DIR = Path(
+    os.environ.get("FASTRL_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
+)
 
 
 def default_device() -> torch.device:

@@ -1,4 +1,5 @@
-"""Command line: `fastrl train | eval | demo | report` (also `python -m fastrl ...`, torchrun)."""
+"""Command line: `fastrl train | eval | demo | report | bench` (also `python -m fastrl ...`,
+torchrun)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
+from pathlib import Path
+
+# The microbenchmarks live in the source checkout's bench/, next to the package.
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,11 +51,48 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="plots and an HTML page from a run directory's metrics")
     r.add_argument("run_dir", help="run directory holding metrics.jsonl")
+
+    b = sub.add_parser(
+        "bench",
+        help="run a microbenchmark of bench/ (a source checkout); no name lists them",
+        description="Runs bench/bench_NAME.py with the arguments that follow, e.g. "
+        "`fastrl bench packing --reps 21`; results go to bench/results/.",
+    )
+    b.add_argument("name", nargs="?", help="e.g. token_logprobs, policy_loss, packing")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark script")
     return p
+
+
+def benchmarks() -> list[str]:
+    """Names `fastrl bench` accepts: bench/bench_NAME.py of the source checkout."""
+    return sorted(f.stem.removeprefix("bench_") for f in BENCH_DIR.glob("bench_*.py"))
+
+
+def run_bench(name: str | None, args: list[str]) -> int:
+    names = benchmarks()
+    if not names:
+        print(
+            f"fastrl: error: no benchmarks at {BENCH_DIR}: `fastrl bench` runs the scripts of a "
+            "source checkout (pip install -e .)",
+            file=sys.stderr,
+        )
+        return 2
+    if name is None:
+        print("\n".join(names))
+        return 0
+    if name not in names:
+        print(
+            f"fastrl: error: unknown benchmark {name!r}; available: {', '.join(names)}",
+            file=sys.stderr,
+        )
+        return 2
+    return subprocess.call([sys.executable, str(BENCH_DIR / f"bench_{name}.py"), *args])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.verb == "bench":
+        return run_bench(args.name, args.args)
     logging.basicConfig(
         level=os.environ.get("FASTRL_LOG", "INFO"),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

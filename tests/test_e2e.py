@@ -203,6 +203,17 @@ def test_bad_replay_file_or_policy_is_a_clear_error(tmp_path, capsys):
         evaluate("test", policy=f"replay:{bad}", config="configs/smoke.yaml", limit=2)
 
 
+def test_bench_verb_lists_and_runs_the_benchmark_scripts(capfd):
+    assert main(["bench"]) == 0
+    listed = capfd.readouterr().out.split()
+    assert {"token_logprobs", "fused_linear", "policy_loss", "packing"} <= set(listed)
+    assert main(["bench", "policy_loss", "--help"]) == 0  # arguments reach the script
+    assert "--reps" in capfd.readouterr().out
+    assert main(["bench", "policy_loss", "--b", "two"]) == 2  # its exit code comes back
+    assert main(["bench", "nope"]) == 2
+    assert "unknown benchmark 'nope'" in capfd.readouterr().err
+
+
 def test_python_m_fastrl_cli_runs_the_cli():
     done = subprocess.run(
         [sys.executable, "-m", "fastrl.cli", "--help"], capture_output=True, text=True, timeout=60
