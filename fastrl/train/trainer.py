@@ -1165,6 +1165,17 @@ def rollout_metrics(played: list[Trajectory]) -> dict[str, float]:
         members = [t for t in played if t.source == source]
         if members:
             row[f"supervision/{source}_success"] = float(np.mean([t.success for t in members]))
+    groups: dict[int, list[Trajectory]] = {}
+    for t in played:
+        groups.setdefault(t.group_id, []).append(t)
+    # Groups whose members all got the same reward: their advantages are 0, no signal (TRL's
+    # frac_reward_zero_std); and groups where one of the policy's own samples succeeded.
+    row["rollout/frac_reward_zero_std"] = float(
+        np.mean([max(t.reward for t in g) == min(t.reward for t in g) for g in groups.values()])
+    )
+    row["rollout/solved_groups"] = float(
+        np.mean([any(t.success for t in g if t.source == "policy") for g in groups.values()])
+    )
     row.update(state_fractions([s for t in sampled for s in t.info.get("states", [])]))
     return row
 
