@@ -48,7 +48,7 @@ def evaluate(
     limit: int | None = None,
     out: str | Path | None = None,
     samples: int = 0,
-    temperature: float = 1.0,
+    temperature: float | None = None,
 ) -> dict[str, Any]:
     """Greedy evaluation of a policy on one split.
 
@@ -58,7 +58,8 @@ def evaluate(
     `out/summary.json` and `out/results.jsonl`. Returns the summary.
 
     With `samples` = k > 0 (policy `model` only), each task is also played k times at
-    `temperature`: the summary adds `sampled_success` (mean over those episodes), `pass_at_k`
+    `temperature` (default: the config's `rollout.temperature`, with its `rollout.top_p`, as RL
+    samples): the summary adds `sampled_success` (mean over those episodes), `pass_at_k`
     (tasks solved by at least one sample), `solved_only_by_samples` (tasks greedy decoding fails
     that a sample solves) and each row `sampled_successes`. Those are the tasks a GRPO group can
     be rewarded on, so `pass_at_k` bounds what sampling-based RL can teach from this policy.
@@ -81,7 +82,7 @@ def evaluate(
         raise ConfigError(f"--samples must be >= 0, got {samples}")
     if samples and policy != "model":
         raise ConfigError(f"--samples needs --policy model (a {policy} policy does not sample)")
-    if samples and not temperature > 0:
+    if samples and temperature is not None and not temperature > 0:
         raise ConfigError(f"--temperature must be > 0 to sample, got {temperature}")
     replay = read_replay(policy.split(":", 1)[1]) if policy.startswith("replay:") else None
     cfg = _as_config(config, overrides)
@@ -121,6 +122,8 @@ def evaluate(
         split=split, env=cfg.env.name, policy=policy, model=cfg.model.name, engine=engine_used
     )
     if samples:
+        if temperature is None:
+            temperature = cfg.rollout.temperature
         solved = sampled_successes(
             engine,
             tokenizer,
@@ -129,6 +132,7 @@ def evaluate(
             limits_of(cfg),
             samples=samples,
             temperature=temperature,
+            top_p=cfg.rollout.top_p,
             batch_size=cfg.rollout.batch_size,
         )
         for row, k in zip(rows, solved):
@@ -137,6 +141,7 @@ def evaluate(
         summary.update(
             samples=samples,
             temperature=temperature,
+            top_p=cfg.rollout.top_p,
             sampled_success=sum(solved) / (n * samples),
             pass_at_k=sum(k > 0 for k in solved) / n,
             solved_only_by_samples=sum(k > 0 and not r["success"] for r, k in zip(rows, solved)),

@@ -43,7 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also sample N episodes per task (policy model) and report sampled success and "
         "pass_at_k: the tasks a GRPO group can be rewarded on",
     )
-    e.add_argument("--temperature", type=float, default=1.0, help="temperature of --samples")
+    e.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="temperature of --samples (default: the config's rollout.temperature)",
+    )
     e.add_argument("overrides", nargs="*", help="dotted config overrides")
 
     d = sub.add_parser("demo", help="the main job on the built-in default; prints a JSON summary")

@@ -9,6 +9,7 @@ import torch
 
 from fastrl.api import ReplayError, evaluate
 from fastrl.cli import main
+from fastrl.config import load_config
 from fastrl.train import trainer
 
 CONTRACT = [
@@ -174,11 +175,12 @@ def test_eval_samples_report_pass_at_k(smoke_run, tmp_path, capsys):
         config="configs/smoke.yaml",
         limit=3,
         samples=2,
-        temperature=1.0,
         out=tmp_path,
     )
     rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert summary["samples"] == 2 and summary["temperature"] == 1.0
+    rollout = load_config("configs/smoke.yaml").rollout  # sampled as RL samples by default
+    assert summary["samples"] == 2
+    assert (summary["temperature"], summary["top_p"]) == (rollout.temperature, rollout.top_p)
     assert [0 <= r["sampled_successes"] <= 2 for r in rows] == [True] * 3
     assert summary["sampled_success"] == sum(r["sampled_successes"] for r in rows) / 6
     assert summary["pass_at_k"] == sum(r["sampled_successes"] > 0 for r in rows) / 3

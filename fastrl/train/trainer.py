@@ -451,10 +451,12 @@ def sampled_successes(
     *,
     samples: int,
     temperature: float,
+    top_p: float = 1.0,
     batch_size: int = 128,
     request_ids: list[str] | None = None,
 ) -> list[int]:
-    """Solved episodes out of `samples` sampled at `temperature`, per task (in `tasks`' order).
+    """Solved episodes out of `samples` sampled at `temperature` and `top_p`, per task (in
+    `tasks`' order).
 
     `request_ids`, when given, names every episode, task-major (`samples` per task in a row).
     """
@@ -469,6 +471,7 @@ def sampled_successes(
             world.make_env,
             limits=limits,
             temperature=temperature,
+            top_p=top_p,
             request_ids=rids,
         ):
             solved[t.task_id] += int(t.success)
