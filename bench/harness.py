@@ -30,10 +30,7 @@ from pathlib import Path
 
 import torch
 
-# FASTRL_BENCH_RESULTS redirects the results files (e.g. a test's temporary directory).
-RESULTS_DIR = Path(
-    os.environ.get("FASTRL_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
-)
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def default_device() -> torch.device:
