@@ -386,6 +386,34 @@ def probe_rows(batch: Batch, tool_call_id: int, newline_id: int) -> torch.Tensor
 
 
 # --------------------------------------------------------------------------- evaluation
+def play_in_batches(
+    engine,
+    tokenizer,
+    world,
+    tasks: list[Task],
+    limits: Limits,
+    *,
+    temperature: float,
+    top_p: float = 1.0,
+    batch_size: int = 128,
+    request_ids: list[str] | None = None,
+) -> list[Trajectory]:
+    """One episode per entry of `tasks`, `batch_size` episodes per `run_episodes` call."""
+    trajs: list[Trajectory] = []
+    for start in range(0, len(tasks), batch_size):
+        trajs += run_episodes(
+            engine,
+            tokenizer,
+            tasks[start : start + batch_size],
+            world.make_env,
+            limits=limits,
+            temperature=temperature,
+            top_p=top_p,
+            request_ids=request_ids[start : start + batch_size] if request_ids else None,
+        )
+    return trajs
+
+
 def evaluate_policy(
     engine,
     tokenizer,
@@ -397,19 +425,16 @@ def evaluate_policy(
     request_ids: list[str] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Greedy episodes on `tasks`; returns (summary, one row per task)."""
-    trajs: list[Trajectory] = []
-    for start in range(0, len(tasks), batch_size):
-        chunk = tasks[start : start + batch_size]
-        rids = request_ids[start : start + batch_size] if request_ids else None
-        trajs += run_episodes(
-            engine,
-            tokenizer,
-            chunk,
-            world.make_env,
-            limits=limits,
-            temperature=0.0,
-            request_ids=rids,
-        )
+    trajs = play_in_batches(
+        engine,
+        tokenizer,
+        world,
+        tasks,
+        limits,
+        temperature=0.0,
+        batch_size=batch_size,
+        request_ids=request_ids,
+    )
     rows = [
         {
             "task_id": t.task_id,
@@ -460,21 +485,19 @@ def sampled_successes(
 
     `request_ids`, when given, names every episode, task-major (`samples` per task in a row).
     """
-    episodes = [t for t in tasks for _ in range(samples)]
     solved: dict[str, int] = {t.id: 0 for t in tasks}
-    for start in range(0, len(episodes), batch_size):
-        rids = request_ids[start : start + batch_size] if request_ids else None
-        for t in run_episodes(
-            engine,
-            tokenizer,
-            episodes[start : start + batch_size],
-            world.make_env,
-            limits=limits,
-            temperature=temperature,
-            top_p=top_p,
-            request_ids=rids,
-        ):
-            solved[t.task_id] += int(t.success)
+    for t in play_in_batches(
+        engine,
+        tokenizer,
+        world,
+        [t for t in tasks for _ in range(samples)],
+        limits,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        request_ids=request_ids,
+    ):
+        solved[t.task_id] += int(t.success)
     return [solved[t.id] for t in tasks]
 
 
@@ -1168,17 +1191,16 @@ def rollout_metrics(played: list[Trajectory]) -> dict[str, float]:
         members = [t for t in played if t.source == source]
         if members:
             row[f"supervision/{source}_success"] = float(np.mean([t.success for t in members]))
-    groups: dict[int, list[Trajectory]] = {}
-    for t in played:
-        groups.setdefault(t.group_id, []).append(t)
-    # Groups whose members all got the same reward: their advantages are 0, no signal (TRL's
-    # frac_reward_zero_std); and groups where one of the policy's own samples succeeded.
-    row["rollout/frac_reward_zero_std"] = float(
-        np.mean([max(t.reward for t in g) == min(t.reward for t in g) for g in groups.values()])
+    # Groups whose members all got the same reward (advantage 0 under every estimator: no
+    # signal; TRL's frac_reward_zero_std), and groups one of the policy's own samples solved.
+    gids = [t.group_id for t in played]
+    flat = zero_variance_groups(torch.tensor([t.reward for t in played]), torch.tensor(gids))
+    n_groups = len(set(gids))
+    row["rollout/frac_reward_zero_std"] = (
+        len({g for g, f in zip(gids, flat.tolist()) if f}) / n_groups
     )
-    row["rollout/solved_groups"] = float(
-        np.mean([any(t.success for t in g if t.source == "policy") for g in groups.values()])
-    )
+    solved = {t.group_id for t in played if t.source == "policy" and t.success}
+    row["rollout/solved_groups"] = len(solved) / n_groups
     row.update(state_fractions([s for t in sampled for s in t.info.get("states", [])]))
     return row
 
