@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ def evaluate(
     out: str | Path | None = None,
     samples: int = 0,
     temperature: float | None = None,
+    expert_probe: bool = False,
 ) -> dict[str, Any]:
     """Greedy evaluation of a policy on one split.
 
@@ -63,6 +65,14 @@ def evaluate(
     (tasks solved by at least one sample), `solved_only_by_samples` (tasks greedy decoding fails
     that a sample solves) and each row `sampled_successes`. Those are the tasks a GRPO group can
     be rewarded on, so `pass_at_k` bounds what sampling-based RL can teach from this policy.
+
+    With `expert_probe` (policy `model` only), each task's expert trajectory is also scored
+    token by token under the policy (teacher forcing; see `fastrl.train.trainer.probe_experts`):
+    each row adds the `expert_*` fields, and the summary `expert_probed` (tasks whose expert
+    solves them), `expert_nll` (mean negative log-likelihood of an expert trajectory, nats),
+    `expert_greedy` (share of probed tasks where greedy decoding would write the expert's
+    trajectory) and `expert_first_miss_prob` (median probability of the expert's token at the
+    first token where it is not the most likely one; None without misses).
     """
     from fastrl.envs import get_world
     from fastrl.envs.base import set_tool_timeout
@@ -72,6 +82,7 @@ def evaluate(
         build_policy,
         evaluate_policy,
         limits_of,
+        probe_experts,
         sampled_successes,
         training_device,
     )
@@ -82,6 +93,8 @@ def evaluate(
         raise ConfigError(f"--samples must be >= 0, got {samples}")
     if samples and policy != "model":
         raise ConfigError(f"--samples needs --policy model (a {policy} policy does not sample)")
+    if expert_probe and policy != "model":
+        raise ConfigError(f"--expert-probe needs --policy model (a {policy} policy has no model)")
     if samples and temperature is not None and not temperature > 0:
         raise ConfigError(f"--temperature must be > 0 to sample, got {temperature}")
     replay = read_replay(policy.split(":", 1)[1]) if policy.startswith("replay:") else None
@@ -145,6 +158,18 @@ def evaluate(
             sampled_success=sum(solved) / (n * samples),
             pass_at_k=sum(k > 0 for k in solved) / n,
             solved_only_by_samples=sum(k > 0 and not r["success"] for r, k in zip(rows, solved)),
+        )
+    if expert_probe:
+        probed = probe_experts(net, tokenizer, world, tasks, limits_of(cfg))
+        for row, p in zip(rows, probed):
+            row.update(p or {})  # no fields where the expert does not solve the task
+        probed = [p for p in probed if p is not None]
+        misses = sorted(p["expert_first_miss"]["prob"] for p in probed if p["expert_first_miss"])
+        summary.update(
+            expert_probed=len(probed),
+            expert_nll=-sum(p["expert_logprob"] for p in probed) / max(1, len(probed)),
+            expert_greedy=sum(p["expert_greedy"] for p in probed) / max(1, len(probed)),
+            expert_first_miss_prob=statistics.median(misses) if misses else None,
         )
     if out is not None:
         out = Path(out)

@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="temperature of --samples (default: the config's rollout.temperature)",
     )
+    e.add_argument(
+        "--expert-probe",
+        action="store_true",
+        help="also score each task's expert trajectory under the policy (teacher forcing): "
+        "its log-likelihood and the first token greedy decoding would not write",
+    )
     e.add_argument("overrides", nargs="*", help="dotted config overrides")
 
     d = sub.add_parser("demo", help="the main job on the built-in default; prints a JSON summary")
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 out=args.out,
                 samples=args.samples,
                 temperature=args.temperature,
+                expert_probe=args.expert_probe,
             )
     except errors as e:
         print(f"fastrl: error: {e}", file=sys.stderr)

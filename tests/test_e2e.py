@@ -1,6 +1,7 @@
 """End-to-end runs of configs/smoke.yaml: train, eval CLI, resume after a crash."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -189,6 +190,27 @@ def test_eval_samples_report_pass_at_k(smoke_run, tmp_path, capsys):
     assert "--samples needs --policy model" in capsys.readouterr().err
     assert main(["eval", "--samples", "2", "--temperature", "0", *common]) == 2
     assert "--temperature must be > 0" in capsys.readouterr().err
+
+
+def test_eval_expert_probe_scores_expert_trajectories(smoke_run, tmp_path, capsys):
+    summary = evaluate(
+        "test",
+        model=str(smoke_run / "final"),
+        config="configs/smoke.yaml",
+        limit=3,
+        expert_probe=True,
+        out=tmp_path,
+    )
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert summary["expert_probed"] == 3  # every built-in task's expert solves it
+    assert summary["expert_nll"] == pytest.approx(-sum(r["expert_logprob"] for r in rows) / 3)
+    assert summary["expert_greedy"] == sum(r["expert_greedy"] for r in rows) / 3
+    misses = sorted(r["expert_first_miss"]["prob"] for r in rows if r["expert_first_miss"])
+    assert summary["expert_first_miss_prob"] == (statistics.median(misses) if misses else None)
+    assert all(0 < r["expert_min_prob"] <= 1 and r["expert_tokens"] > 0 for r in rows)
+    common = ["--config", "configs/smoke.yaml", "--out", str(tmp_path / "o"), "--limit", "2"]
+    assert main(["eval", "--policy", "oracle", "--expert-probe", *common]) == 2
+    assert "--expert-probe needs --policy model" in capsys.readouterr().err
 
 
 def test_bad_replay_file_or_policy_is_a_clear_error(tmp_path, capsys):

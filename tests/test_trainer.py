@@ -88,6 +88,55 @@ def test_sampled_successes_counts_each_tasks_solved_samples(tiny_policy, world):
     assert solved == [0, 1, 2]
 
 
+def test_probe_experts_scores_each_expert_token_given_the_experts_prefix(tiny_policy, world):
+    model, tok, _ = tiny_policy
+    tasks = world.tasks("test", 3)
+    limits = Limits(max_total_tokens=4096)
+    rows = T.probe_experts(model, tok, world, tasks, limits, batch_size=2, chunk=7)
+    experts = T.expert_trajectories(tok, world, tasks, limits)
+    assert [e.task_id for e in experts] == [t.id for t in tasks]
+    with torch.no_grad():  # independent: the full logits of one trajectory at a time
+        for row, traj in zip(rows, experts):
+            b = T.collate([traj], tok.pad_token_id)
+            logp = model(input_ids=b.input_ids).logits[0].double().log_softmax(-1)
+            m = b.target_mask[0]
+            lp = logp[m].gather(-1, b.labels[0][m][:, None])[:, 0]  # [n]
+            assert row["expert_tokens"] == int(m.sum()) == sum(traj.loss_mask)
+            assert row["expert_logprob"] == pytest.approx(float(lp.sum()), rel=1e-4)
+            assert row["expert_min_prob"] == pytest.approx(math.exp(lp.min()), rel=1e-3)
+            hits = logp[m].argmax(-1) == b.labels[0][m]
+            assert row["expert_greedy"] == bool(hits.all())
+            miss = row["expert_first_miss"]
+            first = int((~hits).nonzero()[0, 0])  # a random-init model misses early
+            assert miss["index"] == first
+            assert miss["prob"] == pytest.approx(math.exp(lp[first]), rel=1e-3)
+            top = int(logp[m][first].argmax())
+            assert miss["top"] == tok.decode([top]) and miss["top_prob"] > miss["prob"]
+    # one task at a time and the whole head at once give the same rows
+    again = T.probe_experts(model, tok, world, tasks[1:2], limits, batch_size=1, chunk=4096)
+    assert again[0]["expert_logprob"] == pytest.approx(rows[1]["expert_logprob"], rel=1e-5)
+
+
+def test_probe_row_first_miss_skips_ties_and_reports_both_tokens(tiny_policy):
+    _, tok, _ = tiny_policy
+    lp = torch.log(torch.tensor([0.9, 0.5, 0.2, 0.6]))
+    top = torch.log(torch.tensor([0.9, 0.5, 0.7, 0.6]))  # a tie at 1, the first miss at 2
+    labels, top_id = torch.tensor([11, 12, 13, 14]), torch.tensor([11, 12, 15, 14])
+    row = T.probe_row(tok, lp, top, top_id, labels)
+    assert row["expert_tokens"] == 4 and not row["expert_greedy"]
+    assert row["expert_logprob"] == pytest.approx(math.log(0.9 * 0.5 * 0.2 * 0.6))
+    assert row["expert_min_prob"] == pytest.approx(0.2)
+    assert row["expert_first_miss"] == {
+        "index": 2,
+        "token": tok.decode([13]),
+        "prob": pytest.approx(0.2),
+        "top": tok.decode([15]),
+        "top_prob": pytest.approx(0.7),
+    }
+    hit = T.probe_row(tok, top[:2], top[:2], labels[:2], labels[:2])
+    assert hit["expert_greedy"] and hit["expert_first_miss"] is None
+
+
 def test_rollout_metrics_count_groups_without_signal_and_solved_groups():
     def traj(group, success, source="policy"):
         return Trajectory("t", group, [1], reward=float(success), success=success, source=source)

@@ -501,6 +501,92 @@ def sampled_successes(
     return [solved[t.id] for t in tasks]
 
 
+@torch.no_grad()
+def probe_experts(
+    model: torch.nn.Module,
+    tokenizer,
+    world,
+    tasks: list[Task],
+    limits: Limits,
+    *,
+    batch_size: int = 8,
+    chunk: int = 1024,
+) -> list[dict[str, Any] | None]:
+    """Teacher-force each task's expert trajectory through `model`; per task (in `tasks`' order)
+    how the policy rates the expert's tokens, or None where the expert does not solve the task.
+
+    The expert's messages are played through the task's environment (as SFT sees them), and every
+    token the expert writes is scored given the expert's own prefix. A row holds `expert_tokens`,
+    `expert_logprob` (their summed log-probability, nats), `expert_min_prob`, `expert_greedy`
+    (every expert token is a most likely token: greedy decoding would write the expert's
+    trajectory) and `expert_first_miss`, the first token that is not: its position among the
+    expert's tokens, the expert's token and its probability, and the model's top token and its
+    probability. A first miss at a probability like 1e-3 is a step that sampling almost never
+    takes, so no GRPO group from this policy is rewarded for the expert's way through that task.
+    Only the expert's positions go through the LM head, `chunk` rows at a time.
+    """
+    by_id = {t.task_id: t for t in expert_trajectories(tokenizer, world, tasks, limits)}
+    trajs = [by_id[t.id] for t in tasks if t.id in by_id]
+    base = getattr(model, model.base_model_prefix)
+    head = model.get_output_embeddings()
+    rows: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(trajs), batch_size):
+        part = trajs[start : start + batch_size]
+        batch = collate(part, tokenizer.pad_token_id, model_device(model))
+        mask = batch.target_mask  # [B, T]
+        hidden = base(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state[mask]  # [M, H]
+        labels = batch.labels[mask]  # [M]
+        label_lp, top_lp, top_id = [], [], []
+        for h, y in zip(hidden.split(chunk), labels.split(chunk)):
+            logp = head(h).float().log_softmax(-1)  # [m, V]
+            label_lp.append(logp.gather(-1, y[:, None])[:, 0])
+            best = logp.max(-1)
+            top_lp.append(best.values)
+            top_id.append(best.indices)
+        counts = mask.sum(-1).tolist()
+        per_row = zip(
+            part,
+            torch.cat(label_lp).cpu().split(counts),
+            torch.cat(top_lp).cpu().split(counts),
+            torch.cat(top_id).cpu().split(counts),
+            labels.cpu().split(counts),
+        )
+        for traj, *scores in per_row:
+            rows[traj.task_id] = probe_row(tokenizer, *scores)
+    return [rows.get(t.id) for t in tasks]
+
+
+def probe_row(
+    tokenizer,
+    label_lp: torch.Tensor,
+    top_lp: torch.Tensor,
+    top_id: torch.Tensor,
+    labels: torch.Tensor,
+) -> dict[str, Any]:
+    """One task's `probe_experts` row from the log-probabilities of the expert's tokens
+    (`label_lp`, [n]), the most likely token's (`top_lp`, `top_id`) and the expert's tokens."""
+    missed = (label_lp < top_lp).nonzero()[:, 0].tolist()  # a tie is not a miss
+    first = None
+    if missed:
+        i = missed[0]
+        first = {
+            "index": i,
+            "token": tokenizer.decode([int(labels[i])]),
+            "prob": math.exp(float(label_lp[i])),
+            "top": tokenizer.decode([int(top_id[i])]),
+            "top_prob": math.exp(float(top_lp[i])),
+        }
+    return {
+        "expert_tokens": len(labels),
+        "expert_logprob": float(label_lp.double().sum()),
+        "expert_min_prob": math.exp(float(label_lp.min())) if len(labels) else 1.0,
+        "expert_greedy": not missed,
+        "expert_first_miss": first,
+    }
+
+
 def demonstrated(cfg: Config, train_tasks: list[Task]) -> list[Task]:
     """The train tasks SFT shows expert trajectories of (`sft.max_expert_calls`)."""
     if not cfg.sft.max_expert_calls:
