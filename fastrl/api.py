@@ -72,7 +72,8 @@ def evaluate(
     solves them), `expert_nll` (mean negative log-likelihood of an expert trajectory, nats),
     `expert_greedy` (share of probed tasks where greedy decoding would write the expert's
     trajectory) and `expert_first_miss_prob` (median probability of the expert's token at the
-    first token where it is not the most likely one; None without misses).
+    first token where it is not the most likely one; None without misses). With no task probed,
+    the means are None.
     """
     from fastrl.envs import get_world
     from fastrl.envs.base import set_tool_timeout
@@ -165,10 +166,11 @@ def evaluate(
             row.update(p or {})  # no fields where the expert does not solve the task
         probed = [p for p in probed if p is not None]
         misses = sorted(p["expert_first_miss"]["prob"] for p in probed if p["expert_first_miss"])
-        summary.update(
-            expert_probed=len(probed),
-            expert_nll=-sum(p["expert_logprob"] for p in probed) / max(1, len(probed)),
-            expert_greedy=sum(p["expert_greedy"] for p in probed) / max(1, len(probed)),
+        n = len(probed)
+        summary.update(  # None where no task's expert solves it
+            expert_probed=n,
+            expert_nll=-sum(p["expert_logprob"] for p in probed) / n if n else None,
+            expert_greedy=sum(p["expert_greedy"] for p in probed) / n if n else None,
             expert_first_miss_prob=statistics.median(misses) if misses else None,
         )
     if out is not None:
