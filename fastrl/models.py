@@ -302,7 +302,8 @@ def init_copy_head(model: Qwen2ForCausalLM, gain: float = COPY_HEAD_GAIN, seed: 
 
     Leaving the plateau is still stochastic: with this basis (seed 1, fp32 normal draws) the demo's
     SFT reached loss 0.27-0.30 by step 400; with a basis drawn in float64 from the same seed it was
-    still at 0.46-0.60 (gain 4 and 8).
+    still at 0.46-0.60 (gain 4 and 8). Both measured in the tool world before its number ranges
+    shrank.
     """
     attn = model.model.layers[-1].self_attn
     d = attn.head_dim

@@ -52,9 +52,14 @@ def test_two_rank_update_equals_the_single_process_update(tmp_path, world, agg, 
     trajs = script.batch(tok, world, cache)
     T.policy_update(cfg, model, None, opt, get_policy_loss("ppo"), trajs, trajs,
                     tok.pad_token_id, 1.0, None, None, 0)  # fmt: skip
+    # AdamW's first step moves each weight by lr * g / (|g| + eps), at most lr = 1e-3. Where |g| is
+    # near eps the step follows the summation order of the gradient, which differs between one
+    # process and two ranks (a few of ~500k weights, by up to 5e-5): a tenth of lr still fails a
+    # weight whose step is missing, doubled or of the wrong sign. SGD's step is exact to 2e-5.
+    atol = 1e-4 if kind == "adamw" else 2e-5
     moved = 0
     for name, value in model.state_dict().items():
-        torch.testing.assert_close(distributed[name], value, rtol=1e-4, atol=2e-5, msg=name)
+        torch.testing.assert_close(distributed[name], value, rtol=1e-4, atol=atol, msg=name)
         moved += int(not torch.equal(value, before[name]))
     assert moved > 10  # the update changed the weights
 
