@@ -16,10 +16,11 @@ Splits:
 
 Everything is kept short and regular for tiny policies with small vocabularies: the system prompt
 lists only the tool families the task needs plus at most one distractor family. Account numbers
-(A10-A99), balances (20-99) and exchange rates (2-5) are drawn from small ranges, so the numbers a
-`test` task copies are numbers the train tasks show often: with ids from A100-A999, balances up
-to 400 and rates up to 9, most test numbers were rare or absent in train and a tiny policy could
-not copy them (docs/DEMO_RL.md).
+(A10-A99), balances (20-99) and exchange rates (2-5) are drawn from small ranges, so the ids and
+balances a `test` task copies are numbers the train tasks show often (converted amounts and
+balances after a transfer still reach three digits). With ids from A100-A999, balances up to 400
+and rates up to 9, many test numbers were rare or absent in train, and a tiny policy did not copy
+them (docs/DEMO_RL.md).
 """
 
 from __future__ import annotations
