@@ -54,7 +54,7 @@ def test_two_rank_update_equals_the_single_process_update(tmp_path, world, agg, 
                     tok.pad_token_id, 1.0, None, None, 0)  # fmt: skip
     # AdamW's first step moves each weight by lr * g / (|g| + eps), at most lr = 1e-3. Where |g| is
     # near eps the step follows the summation order of the gradient, which differs between one
-    # process and two ranks (a few of ~500k weights, by up to 5e-5): a tenth of lr still fails a
+    # process and two ranks (1-2 weights in a few matrices, by up to 5e-5): a tenth of lr fails a
     # weight whose step is missing, doubled or of the wrong sign. SGD's step is exact to 2e-5.
     atol = 1e-4 if kind == "adamw" else 2e-5
     moved = 0
