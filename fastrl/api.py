@@ -108,6 +108,7 @@ def evaluate(
     set_tool_timeout(cfg.env.tool_timeout_s)
     world = get_world(cfg.env.name)
     tasks = world.tasks(split, limit or cfg.env.eval_tasks, seed=cfg.env.seed)
+    limits = limits_of(cfg)
     net, tokenizer, model_dir = build_policy(cfg)
     net.to(training_device(cfg.model.device))
     request_ids = None
@@ -128,7 +129,7 @@ def evaluate(
         tokenizer,
         world,
         tasks,
-        limits_of(cfg),
+        limits,
         batch_size=cfg.rollout.batch_size,
         request_ids=request_ids,
     )
@@ -143,7 +144,7 @@ def evaluate(
             tokenizer,
             world,
             tasks,
-            limits_of(cfg),
+            limits,
             samples=samples,
             temperature=temperature,
             top_p=cfg.rollout.top_p,
@@ -161,7 +162,7 @@ def evaluate(
             solved_only_by_samples=sum(k > 0 and not r["success"] for r, k in zip(rows, solved)),
         )
     if expert_probe:
-        probed = probe_experts(net, tokenizer, world, tasks, limits_of(cfg))
+        probed = probe_experts(net, tokenizer, world, tasks, limits)
         for row, p in zip(rows, probed):
             row.update(p or {})  # no fields where the expert does not solve the task
         probed = [p for p in probed if p is not None]

@@ -169,13 +169,14 @@ def test_eval_cli_model_and_oracle_and_replay(smoke_run, tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["n"] == 3
 
 
-def test_eval_samples_report_pass_at_k(smoke_run, tmp_path, capsys):
-    summary = evaluate(
+def test_eval_samples_pass_at_k_and_expert_probe(smoke_run, tmp_path, capsys):
+    summary = evaluate(  # one model and engine for both additions to the greedy pass
         "test",
         model=str(smoke_run / "final"),
         config="configs/smoke.yaml",
         limit=3,
         samples=2,
+        expert_probe=True,
         out=tmp_path,
     )
     rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -185,23 +186,6 @@ def test_eval_samples_report_pass_at_k(smoke_run, tmp_path, capsys):
     assert [0 <= r["sampled_successes"] <= 2 for r in rows] == [True] * 3
     assert summary["sampled_success"] == sum(r["sampled_successes"] for r in rows) / 6
     assert summary["pass_at_k"] == sum(r["sampled_successes"] > 0 for r in rows) / 3
-    common = ["--config", "configs/smoke.yaml", "--out", str(tmp_path / "o"), "--limit", "2"]
-    assert main(["eval", "--policy", "oracle", "--samples", "2", *common]) == 2
-    assert "--samples needs --policy model" in capsys.readouterr().err
-    assert main(["eval", "--samples", "2", "--temperature", "0", *common]) == 2
-    assert "--temperature must be > 0" in capsys.readouterr().err
-
-
-def test_eval_expert_probe_scores_expert_trajectories(smoke_run, tmp_path, capsys):
-    summary = evaluate(
-        "test",
-        model=str(smoke_run / "final"),
-        config="configs/smoke.yaml",
-        limit=3,
-        expert_probe=True,
-        out=tmp_path,
-    )
-    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert summary["expert_probed"] == 3  # every built-in task's expert solves it
     assert summary["expert_nll"] == pytest.approx(-sum(r["expert_logprob"] for r in rows) / 3)
     assert summary["expert_greedy"] == sum(r["expert_greedy"] for r in rows) / 3
@@ -209,6 +193,10 @@ def test_eval_expert_probe_scores_expert_trajectories(smoke_run, tmp_path, capsy
     assert summary["expert_first_miss_prob"] == (statistics.median(misses) if misses else None)
     assert all(0 < r["expert_min_prob"] <= 1 and r["expert_tokens"] > 0 for r in rows)
     common = ["--config", "configs/smoke.yaml", "--out", str(tmp_path / "o"), "--limit", "2"]
+    assert main(["eval", "--policy", "oracle", "--samples", "2", *common]) == 2
+    assert "--samples needs --policy model" in capsys.readouterr().err
+    assert main(["eval", "--samples", "2", "--temperature", "0", *common]) == 2
+    assert "--temperature must be > 0" in capsys.readouterr().err
     assert main(["eval", "--policy", "oracle", "--expert-probe", *common]) == 2
     assert "--expert-probe needs --policy model" in capsys.readouterr().err
 
