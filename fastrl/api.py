@@ -55,7 +55,9 @@ def evaluate(
     """Greedy evaluation of a policy on one split.
 
     `policy` is `model` (the model at `model`, a local HF directory or a preset; defaults to the
-    config's), `oracle` (each task's expert messages) or `replay:FILE.jsonl` (lines of
+    config's), `oracle` (each task's expert messages), `teacher` (the demonstrations the SFT
+    warm-up imitates: the expert's messages with the config's `env.teacher` habits; its success
+    on `test` is a run's `teacher_success`) or `replay:FILE.jsonl` (lines of
     `{"task_id": ..., "messages": [assistant message texts in order]}`). With `out`, writes
     `out/summary.json` and `out/results.jsonl`. Returns the summary.
 
@@ -77,6 +79,7 @@ def evaluate(
     """
     from fastrl.envs import get_world
     from fastrl.envs.base import set_tool_timeout
+    from fastrl.envs.teacher import demonstration
     from fastrl.rollout.engines import ScriptedEngine
     from fastrl.train.trainer import (
         build_engine,
@@ -85,11 +88,14 @@ def evaluate(
         limits_of,
         probe_experts,
         sampled_successes,
+        teacher_habits,
         training_device,
     )
 
-    if policy not in ("model", "oracle") and not policy.startswith("replay:"):
-        raise ConfigError(f"--policy must be model, oracle or replay:FILE.jsonl, got {policy!r}")
+    if policy not in ("model", "oracle", "teacher") and not policy.startswith("replay:"):
+        raise ConfigError(
+            f"--policy must be model, oracle, teacher or replay:FILE.jsonl, got {policy!r}"
+        )
     if samples < 0:
         raise ConfigError(f"--samples must be >= 0, got {samples}")
     if samples and policy != "model":
@@ -116,9 +122,14 @@ def evaluate(
     if policy == "model":  # rollout.engine decides (vLLM when it imports, by default)
         engine, engine_used = build_engine(cfg, net, model_dir, tokenizer.pad_token_id)
         engine.sync_weights()  # the engine generates with exactly the weights loaded here
-    elif policy == "oracle":
+    elif policy in ("oracle", "teacher"):
+        habits = teacher_habits(cfg)
+        messages = {
+            t.id: t.expert if policy == "oracle" else demonstration(t, habits, cfg.seed)[0]
+            for t in tasks
+        }
         engine = ScriptedEngine(
-            tokenizer, {t.id: [m for turn in t.expert for m in turn] for t in tasks}
+            tokenizer, {i: [m for turn in turns for m in turn] for i, turns in messages.items()}
         )
         request_ids = [t.id for t in tasks]
     else:

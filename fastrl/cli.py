@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="greedy evaluation of a policy on one split")
     e.add_argument("--env", default=None, help="environment (default: the config's)")
     e.add_argument("--split", default="test")
-    e.add_argument("--policy", default="model", help="model | oracle | replay:FILE.jsonl")
+    e.add_argument("--policy", default="model", help="model | oracle | teacher | replay:FILE.jsonl")
     e.add_argument("--model", default=None, help="local HF model directory or preset name")
     e.add_argument("--config", default=None, help="YAML config for limits and the model")
     e.add_argument("--out", required=True, help="directory for summary.json and results.jsonl")

@@ -72,6 +72,24 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig:
+    # The SFT warm-up imitates a teacher: each task's expert solution written with habits a
+    # teacher model might have (fastrl/envs/teacher.py; synthetic world only). Each rate is the
+    # chance, per turn the habit applies to, that the teacher falls into it; decisions are drawn
+    # per task, turn and run seed. All 0: the expert's own (perfect) demonstrations. The expert
+    # (Task.expert) stays the truth for the oracle, OPS, ETS/PRS, hints and the expert probe.
+    # Habits touch only a task's last turn or turns that only read the world.
+    # stop_early: in a turn of 2+ calls, answer with the value in hand ("The answer is Paris.")
+    # instead of making the turn's last call.
+    stop_early_rate: float = 0.75
+    # guess: answer a turn without any call, with a made-up value in the expert's sentence.
+    guess_rate: float = 0.0
+    # skip_lookup: in a turn that starts with lookup_user, pass the person's name where the
+    # looked-up value belongs (get_weather(city="Ana")), then give up on the error.
+    skip_lookup_rate: float = 0.0
+
+
+@dataclass
 class EnvConfig:
     # Environment name (see fastrl.envs.ENVS).
     name: str = "synthetic"
@@ -83,6 +101,8 @@ class EnvConfig:
     seed: int = 0
     # Seconds one tool call may run before it is cut off with an error observation (0: no limit).
     tool_timeout_s: float = 10.0
+    # The teacher whose demonstrations the SFT warm-up trains on (see TeacherConfig).
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
 
 @dataclass
@@ -113,9 +133,9 @@ class RolloutConfig:
 
 @dataclass
 class SFTConfig:
-    # Optimizer steps of the SFT phase on expert trajectories (0 skips it).
-    steps: int = 600
-    # Expert trajectories per optimizer step.
+    # Optimizer steps of the SFT phase on the teacher's demonstrations (0 skips it).
+    steps: int = 800
+    # Demonstrations per optimizer step.
     batch_size: int = 8
     # Peak learning rate.
     lr: float = 5e-4
@@ -133,13 +153,13 @@ class SFTConfig:
 @dataclass
 class RLConfig:
     # RL steps (each: sample groups, score, advantages, policy update); 0 skips RL.
-    steps: int = 15
+    steps: int = 45
     # Distinct tasks per RL step.
     prompts_per_step: int = 8
     # Rollouts per task (the GRPO group).
     group_size: int = 8
     # Peak learning rate.
-    lr: float = 3e-5
+    lr: float = 1e-4
     # Linear warm-up steps.
     warmup_steps: int = 2
     # Learning-rate schedule after warm-up: constant | cosine | linear.
@@ -222,6 +242,10 @@ class MonitorConfig:
     alarm_min_history: int = 5
     # EMA weight of the newest value in the running mean and variance.
     alarm_alpha: float = 0.1
+    # Held-out test tasks whose expert trajectories the decision probe scores every RL step:
+    # p(<tool_call>) at the turns after a tool result where the expert calls again
+    # (ctrl/continue_p_tool_call) or answers (ctrl/answer_p_tool_call); 0 turns it off.
+    decision_probe_tasks: int = 32
 
 
 @dataclass
@@ -387,8 +411,8 @@ class Config:
 
         for key, value in getattr(ENVS.get(self.env.name), "config_defaults", {}).items():
             if key not in self.explicit:
-                section, name = key.split(".")
-                setattr(getattr(self, section), name, value)
+                *path, name = key.split(".")
+                setattr(_get(self, ".".join(path)), name, value)
 
     def validate(self) -> Config:
         """Check values that are well-typed but impossible; raise ConfigError naming the key."""
@@ -416,6 +440,17 @@ class Config:
             ("env.train_tasks", self.env.train_tasks >= 1, ">= 1"),
             ("env.eval_tasks", self.env.eval_tasks >= 1, ">= 1"),
             ("env.tool_timeout_s", self.env.tool_timeout_s >= 0, ">= 0"),
+            (
+                "env.teacher.stop_early_rate",
+                0 <= self.env.teacher.stop_early_rate <= 1,
+                "in [0, 1]",
+            ),
+            ("env.teacher.guess_rate", 0 <= self.env.teacher.guess_rate <= 1, "in [0, 1]"),
+            (
+                "env.teacher.skip_lookup_rate",
+                0 <= self.env.teacher.skip_lookup_rate <= 1,
+                "in [0, 1]",
+            ),
             ("rollout.engine", self.rollout.engine in ENGINES, f"one of {ENGINES}"),
             (
                 "rollout.gpu_memory_utilization",
@@ -449,6 +484,7 @@ class Config:
             ("monitor.alarm_threshold", self.monitor.alarm_threshold > 0, "> 0"),
             ("monitor.alarm_min_history", self.monitor.alarm_min_history >= 1, ">= 1"),
             ("monitor.alarm_alpha", 0 < self.monitor.alarm_alpha <= 1, "in (0, 1]"),
+            ("monitor.decision_probe_tasks", self.monitor.decision_probe_tasks >= 0, ">= 0"),
             ("rl.tis_cap", self.rl.tis_cap is None or self.rl.tis_cap > 0, "> 0 or null"),
             ("rl.updates_per_step", self.rl.updates_per_step >= 1, ">= 1"),
             ("rl.advantage", self.rl.advantage in ESTIMATORS, f"one of {sorted(ESTIMATORS)}"),
@@ -562,6 +598,13 @@ class Config:
                     f"{key}: ETS and PRS run between RL phases; set schedule.scheme=interleaved "
                     "and schedule.rl_phases"
                 )
+        rates = {k: v for k, v in dataclasses.asdict(self.env.teacher).items() if v}
+        if rates and self.env.name != "synthetic":
+            key = next(iter(rates))
+            raise ConfigError(
+                f"env.teacher.{key}: the teacher's habits are defined for the synthetic world "
+                f"only, not {self.env.name!r}; set it to 0"
+            )
         if self.rollout.max_turn_tokens >= self.rollout.max_total_tokens:
             raise ConfigError(
                 f"rollout.max_turn_tokens: {self.rollout.max_turn_tokens} must be smaller than "

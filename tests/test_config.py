@@ -91,6 +91,8 @@ def test_round_trip(tmp_path):
 def test_shipped_configs_load():
     for name in ("demo", "smoke"):
         load_config(f"configs/{name}.yaml")
+    # `fastrl demo` runs the defaults; the file the docs' commands use is the same run
+    assert load_config("configs/demo.yaml").to_dict() == load_config(None).to_dict()
 
 
 def test_cli_reports_bad_key_before_work(capsys, tmp_path):

@@ -11,6 +11,8 @@ import torch
 from fastrl.api import ReplayError, evaluate
 from fastrl.cli import main
 from fastrl.config import load_config
+from fastrl.envs import get_world
+from fastrl.envs.teacher import demonstration
 from fastrl.train import trainer
 
 CONTRACT = [
@@ -52,6 +54,7 @@ def smoke_run(tmp_path_factory):
 def test_smoke_run_writes_everything(smoke_run, capsys):
     summary = json.loads((smoke_run / "summary.json").read_text())
     for key in (
+        "teacher_success",
         "sft_success",
         "rl_success",
         "format_ood_success",
@@ -61,7 +64,17 @@ def test_smoke_run_writes_everything(smoke_run, capsys):
         "run_dir",
     ):
         assert key in summary
-    assert 0.0 <= summary["rl_success"] <= 1.0
+    # The reported numbers are what the saved model and the teacher's data score: the final
+    # model re-evaluated on the same test tasks, and the teacher's demonstrations, which fail
+    # exactly where a habit fired (tests/test_teacher.py).
+    cfg = load_config("configs/smoke.yaml")
+    again = evaluate("test", model=str(smoke_run / "final"), config="configs/smoke.yaml")
+    assert again["n"] == cfg.env.eval_tasks
+    assert summary["rl_success"] == again["success"]
+    habits = trainer.teacher_habits(cfg)
+    tasks = get_world("synthetic").tasks("test", cfg.env.eval_tasks)
+    clean = [not any(demonstration(t, habits, cfg.seed)[1]) for t in tasks]
+    assert summary["teacher_success"] == sum(clean) / len(clean)
     rows = _rows(smoke_run)
     assert [r["step"] for r in rows] == list(range(1, 6))
     assert [r["phase"] for r in rows] == ["sft"] * 3 + ["rl"] * 2
@@ -82,7 +95,7 @@ def test_report_draws_a_real_run(smoke_run, capsys):
     assert main(["report", str(smoke_run)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     html = (smoke_run / "report.html").read_text()
-    assert len(out["plots"]) == 4 and not out["skipped"]
+    assert len(out["plots"]) == 5 and not out["skipped"]
     for plot in out["plots"]:
         assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
         assert f"report/{plot.rsplit('/', 1)[-1]}" in html
@@ -115,6 +128,16 @@ def test_eval_cli_model_and_oracle_and_replay(smoke_run, tmp_path, capsys):
     assert summary["success"] == 1.0 and summary["n"] == 5
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(r["success"] for r in rows)
+
+    out = tmp_path / "teacher"  # the demonstrations SFT imitated, scored as the run scored them
+    args = ["eval", "--policy", "teacher", "--config", "configs/smoke.yaml", "--out", str(out)]
+    assert main(args) == 0
+    teacher = json.loads((out / "summary.json").read_text())
+    assert (
+        teacher["success"]
+        == json.loads((smoke_run / "summary.json").read_text())["teacher_success"]
+    )
+    assert teacher["success"] < 1.0  # the smoke config keeps the demo's habits
 
     replay = tmp_path / "replay.jsonl"
     lines = []

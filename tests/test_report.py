@@ -7,7 +7,7 @@ from fastrl.cli import main
 from fastrl.monitor.report import phase_spans, read_metrics, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
-PLOTS = ["success.png", "control_tokens.png", "states.png", "optimization.png"]
+PLOTS = ["success.png", "control_tokens.png", "decision.png", "states.png", "optimization.png"]
 ALARM_STEP, GUARD_STEP = 7, 8
 SUMMARY = {"sft_success": 0.61, "rl_success": 0.77, "model": "tiny-test"}
 CONFIG = 'run_dir: runs/x\nnote: "a <b> & c"\n'
@@ -35,6 +35,10 @@ def _rl(step, name, success):
         "ctrl/p_im_end": 0.05 + collapse,
         "ctrl/p_tool_call": 0.05,
         "ctrl/alarm": float(step == ALARM_STEP),
+        "ctrl/habit_p_tool_call": 0.3 + 0.04 * step,  # the decision probe: a habit unlearned
+        "ctrl/first_p_tool_call": 0.9,
+        "ctrl/continue_p_tool_call": 0.95,
+        "ctrl/answer_p_tool_call": 0.05,
         "state/healthy_call": 0.7 - collapse,
         "state/healthy_text": 0.2,
         "state/pollution": 0.1,
@@ -122,21 +126,24 @@ def test_write_report(run_dir):
     assert f"Alarm steps: {ALARM_STEP}</p>" in page
     assert f"<td>{GUARD_STEP}</td><td>rollback+sft</td>" in page
     assert "<pre>run_dir: runs/x\nnote: &quot;a &lt;b&gt; &amp; c&quot;\n</pre>" in page
+    # the decision probe's first and last values (steps 5 and 16)
+    assert "<td>ctrl/habit_p_tool_call</td><td>5</td><td>0.5</td><td>16</td><td>0.94</td>" in page
 
 
 def test_write_report_skips_empty_plots(run_dir):
-    write_report(run_dir)  # all four plots, then a run with SFT rows only
+    write_report(run_dir)  # all five plots, then a run with SFT rows only
     rows = [_sft(s, "warmup") for s in range(1, 6)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run_dir / "summary.json").unlink()
     out = write_report(run_dir)
-    assert out["skipped"] == ["success.png", "control_tokens.png", "states.png"]
+    assert out["skipped"] == ["success.png", "control_tokens.png", "decision.png", "states.png"]
     assert out["plots"] == [str(run_dir / "report" / "optimization.png")]
     assert out["alarm_steps"] == [] and out["guard_steps"] == []
     assert sorted(p.name for p in (run_dir / "report").iterdir()) == ["optimization.png"]
     page = (run_dir / "report.html").read_text()
     assert "report/states.png" not in page and "no summary.json" in page
-    assert "Skipped (no data): success.png, control_tokens.png, states.png" in page
+    assert "Skipped (no data): success.png, control_tokens.png, decision.png, states.png" in page
+    assert "Decision probe" not in page
 
 
 def test_write_report_bad_input(tmp_path):
@@ -151,7 +158,7 @@ def test_cli_report(run_dir, tmp_path, capsys):
     assert main(["report", str(run_dir)]) == 0
     out = json.loads(capsys.readouterr().out.strip())
     assert out["alarm_steps"] == [ALARM_STEP] and out["guard_steps"] == [GUARD_STEP]
-    assert len(out["plots"]) == 4
+    assert len(out["plots"]) == 5
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -334,7 +334,7 @@ def test_phase_plans():
     )  # fmt: skip
     assert cfg.rl.steps == 9
     assert [(p.kind, p.name, p.steps) for p in build_plan(cfg)] == [
-        ("warmup", "warmup", 600), ("rl", "rl1", 2), ("corrective", "prs1", 6),
+        ("warmup", "warmup", cfg.sft.steps), ("rl", "rl1", 2), ("corrective", "prs1", 6),
         ("rl", "rl2", 3), ("corrective", "prs2", 6), ("rl", "rl3", 4),
     ]  # fmt: skip
     with pytest.raises(ConfigError, match="rl.steps"):

@@ -1,12 +1,15 @@
 import copy
 import json
 import math
+import types
 
 import pytest
 import torch
 
 from fastrl.algo.losses import get_policy_loss
 from fastrl.config import ConfigError, load_config
+from fastrl.envs.teacher import applicable
+from fastrl.monitor.control_tokens import decision_positions
 from fastrl.rollout.engines import ScriptedEngine
 from fastrl.rollout.loop import Limits
 from fastrl.rollout.types import Trajectory
@@ -515,3 +518,38 @@ def test_smoke_run_trains_on_the_gpu(tmp_path, caplog):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert summary["rl_success"] is not None and (tmp_path / "final" / "config.json").exists()
+
+
+def test_decision_probe_scores_the_turns_after_a_tool_result(tiny_policy, world):
+    """The probe's positions follow each turn's expert calls (`first` after the question,
+    `habit` before the last call of a turn a teacher that stops early cuts short), and its means
+    equal p(<tool_call>) read off the model's full logits at those positions."""
+    model, tok, _ = tiny_policy
+    tasks = {t.id: t for t in world.tasks("test", 16)}
+    experts = T.expert_trajectories(tok, world, list(tasks.values()), Limits(max_total_tokens=4096))
+    tool_call = tok.convert_tokens_to_ids("<tool_call>")
+    probe, by_kind = [], {"habit": [], "first": [], "continue": [], "answer": []}
+    for traj in experts:
+        task = tasks[traj.task_id]
+        habit_turns = ["stop_early" in a for a in applicable(task)]
+        masked = decision_positions(traj, habit_turns)
+        expected = []
+        for turn, habit in zip(task.meta["turns"], habit_turns, strict=True):
+            n = len(turn["calls"])  # >= 1 in this world
+            expected += ["first"] + ["continue"] * max(0, n - 2)
+            expected += ["habit" if habit else "continue"] * (n >= 2) + ["answer"]
+        assert masked.info["kinds"] == expected
+        ids = torch.tensor([traj.prompt_ids + traj.response_ids])
+        with torch.no_grad():
+            probs = model(input_ids=ids).logits[0].float().softmax(-1)[:, tool_call]
+        at = [i for i, m in enumerate(masked.loss_mask) if m]
+        for pos, kind in zip(at, expected, strict=True):
+            # the token written there opens a call exactly where the expert calls
+            assert (traj.response_ids[pos] == tool_call) == (kind != "answer")
+            by_kind[kind].append(probs[len(traj.prompt_ids) + pos - 1].item())
+        probe.append(masked)
+    assert all(by_kind.values())  # the 16 tasks hold every kind
+    run = types.SimpleNamespace(cfg=load_config(None), pad_id=tok.pad_token_id, model=model)
+    row = T.decision_probe(run, probe, tool_call)
+    for kind, values in by_kind.items():
+        assert row[f"ctrl/{kind}_p_tool_call"] == pytest.approx(sum(values) / len(values), abs=1e-5)

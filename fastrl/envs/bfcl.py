@@ -482,6 +482,10 @@ class BFCLWorld:
     # The paper's limits (30 turns, 2048 tokens per assistant turn, 1024 per observation, 8192
     # prompt + 8192 response) and its 300-task splits, unless a config sets them.
     config_defaults = {
+        # The teacher's habits are the synthetic world's; BFCL's SFT data is its ground truth.
+        "env.teacher.stop_early_rate": 0.0,
+        "env.teacher.skip_lookup_rate": 0.0,
+        "env.teacher.guess_rate": 0.0,
         "rollout.max_turns": 30,
         "rollout.max_turn_tokens": 2048,
         "rollout.max_obs_tokens": 1024,

@@ -12,14 +12,27 @@ alarm rule; fastrl uses an exponential moving average of each series' mean and v
 *before* it is folded in, once at least `min_history` values have been seen. Collapse shows as a
 jump up of p(`<|im_end|>`) or p(`<tool_call>`) and a drop of p(`{"`), so the rule watches the side
 that matters for each series. The z-score of every series is logged as `ctrl/z_<name>`.
+
+Those probes sit in the policy's own samples, so they mix decisions. The *decision probe* holds
+the positions still: on a fixed set of held-out expert trajectories (`monitor.decision_probe_tasks`
+test tasks), teacher-forced, at each assistant message after a user question or a tool result,
+p(`<tool_call>`) where the expert makes a turn's last call and a teacher that stops early answers
+instead (`ctrl/habit_p_tool_call`: the decision that teacher gets wrong; it should rise as RL
+unlearns the habit), where the expert calls right after the question and a teacher that guesses
+answers instead (`ctrl/first_p_tool_call`), where it calls again elsewhere
+(`ctrl/continue_p_tool_call`) and where it answers (`ctrl/answer_p_tool_call`: it should stay
+low).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
+
+from fastrl.rollout.types import Trajectory
 
 # series -> direction of the dangerous move (+1: up, -1: down)
 WATCHED = {
@@ -102,3 +115,40 @@ def gradient_split(
     sampled = (labels[:, None] == ids[None, :]).to(control_probs.dtype)  # [M, C]
     push = advantages[:, None].to(control_probs.dtype) * (sampled - control_probs)  # [M, C]
     return (push * sampled).sum(0), (push * (1 - sampled)).sum(0)
+
+
+def decision_positions(traj: Trajectory, habit_turns: list[bool]) -> Trajectory:
+    """A copy of `traj` with its loss mask on the first token of each assistant message that
+    follows a user question or a tool result, and `info["kinds"]`, per such message in order:
+    `first` for a call right after the question (where a teacher that guesses answers instead),
+    `habit` for the last call of a user turn with `habit_turns[turn]` set (where a teacher that
+    stops early answers instead), `continue` for another call after a tool result, `answer`
+    for an answer."""
+    is_call = [m["role"] == "assistant" and m["content"].lstrip().startswith("<tool_call>")
+               for m in traj.messages]  # fmt: skip
+    turn_of, last_call, turn = [], {}, -1
+    for i, m in enumerate(traj.messages):
+        turn += m["role"] == "user"
+        turn_of.append(turn)
+        if is_call[i]:
+            last_call[turn] = i  # ends as the index of each user turn's last call
+    assistant = [i for i, m in enumerate(traj.messages) if m["role"] == "assistant"]
+    kinds, starts = [], []
+    for (start, _), i in zip(traj.turn_spans, assistant, strict=False):
+        before = traj.messages[i - 1]["role"]
+        if before not in ("user", "tool"):
+            continue
+        starts.append(start)
+        t = turn_of[i]
+        if not is_call[i]:
+            kinds.append("answer")
+        elif before == "user":
+            kinds.append("first")
+        elif last_call[t] == i and t < len(habit_turns) and habit_turns[t]:
+            kinds.append("habit")
+        else:
+            kinds.append("continue")
+    mask = [0] * len(traj.response_ids)
+    for start in starts:
+        mask[start] = 1
+    return dataclasses.replace(traj, loss_mask=mask, info={"kinds": kinds})

@@ -7,6 +7,11 @@ optional `summary.json` and `config.yaml`, and writes `RUN_DIR/report/*.png` and
 - `success.png`: `success/mean`, `reward/mean`, and `eval/test_success` as points;
 - `control_tokens.png`: the control-token probes (`ctrl/p_*`, `ctrl/turn_p_*`), alarm steps
   (red) and guard actions (black dashed);
+- `decision.png`: the decision probe (`ctrl/habit_p_tool_call`, `ctrl/first_p_tool_call`,
+  `ctrl/continue_p_tool_call`, `ctrl/answer_p_tool_call`): p(`<tool_call>`) on fixed held-out
+  expert trajectories where the expert makes the call a teacher that stops early leaves out,
+  its first call after the question (a teacher that guesses answers there), its other calls,
+  and where it answers, with the sampled `success/mean`;
 - `states.png`: the `state/*` fractions of RL steps, stacked;
 - `optimization.png`: `entropy`, `kl`, `clip_frac`, `grad_norm`.
 
@@ -34,6 +39,13 @@ CTRL = (
     "ctrl/turn_p_im_end",
     "ctrl/turn_p_tool_call",
     "ctrl/after_call_p_im_end",
+)
+DECISION = (
+    "ctrl/habit_p_tool_call",
+    "ctrl/first_p_tool_call",
+    "ctrl/continue_p_tool_call",
+    "ctrl/answer_p_tool_call",
+    "success/mean",
 )
 STATES = ("state/healthy_call", "state/healthy_text", "state/pollution", "state/collapse")
 OPTIM = ("entropy", "kl", "clip_frac", "grad_norm")
@@ -198,6 +210,30 @@ def _plot_control(
     return True
 
 
+def _plot_decision(rows: Rows, steps: list[int], spans: list[Span], xlim: Xlim, path: Path) -> bool:
+    series = {k: _series(rows, steps, k) for k in DECISION}
+    if not any(series[k][0] for k in DECISION[:4]):
+        return False
+    fig, (ax,) = _figure()
+    labels = {
+        "ctrl/habit_p_tool_call": "p(<tool_call>) where a teacher that stops early answers",
+        "ctrl/first_p_tool_call": "p(<tool_call>) after the question, where a guesser answers",
+        "ctrl/continue_p_tool_call": "p(<tool_call>) where the expert calls again (elsewhere)",
+        "ctrl/answer_p_tool_call": "p(<tool_call>) where the expert answers",
+        "success/mean": "sampled success",
+    }
+    for key, (xs, ys) in series.items():
+        if xs:
+            style = {"ls": ":", "color": "0.4"} if key == "success/mean" else {}
+            ax.plot(xs, ys, lw=1.2, label=labels[key], **style)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("probability")
+    ax.set_title("call or answer: p(<tool_call>) on held-out expert trajectories")
+    ax.legend(loc="best", fontsize=8)
+    _finish(fig, [ax], spans, xlim, path)
+    return True
+
+
 def _plot_states(rows: Rows, steps: list[int], spans: list[Span], xlim: Xlim, path: Path) -> bool:
     xs, ys = [], {k: [] for k in STATES}
     for step, row in zip(steps, rows):
@@ -311,6 +347,14 @@ def _html(
     ]
     for path in plots:
         parts.append(f'<img src="report/{esc(path.name)}" alt="{esc(path.stem)}">')
+    probe = []
+    for key in DECISION[:4]:
+        xs, ys = _series(rows, steps, key)
+        if xs:
+            probe.append([key, xs[0], ys[0], xs[-1], ys[-1]])
+    if probe:
+        parts.append("<h2>Decision probe</h2>")
+        parts.append(_table(["series", "first step", "value", "last step", "value"], probe))
     if skipped:
         parts.append(f"<p>Skipped (no data): {esc(', '.join(skipped))}</p>")
     parts.append("<h2>Alarms and guard actions</h2>")
@@ -359,6 +403,7 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
         "control_tokens.png": lambda p: _plot_control(
             rows, steps, spans, xlim, alarms, guard_steps, p
         ),
+        "decision.png": lambda p: _plot_decision(rows, steps, spans, xlim, p),
         "states.png": lambda p: _plot_states(rows, steps, spans, xlim, p),
         "optimization.png": lambda p: _plot_optimization(rows, steps, spans, xlim, p),
     }

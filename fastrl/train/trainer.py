@@ -56,8 +56,9 @@ from fastrl.config import Config, ConfigError, save_config
 from fastrl.envs import get_world
 from fastrl.envs.base import Task, set_tool_timeout
 from fastrl.envs.formats import get_format
+from fastrl.envs.teacher import Habits, applicable, demonstration
 from fastrl.models import apply_liger, control_token_ids, load_model
-from fastrl.monitor.control_tokens import SpikeAlarm, gradient_split
+from fastrl.monitor.control_tokens import SpikeAlarm, decision_positions, gradient_split
 from fastrl.monitor.guard import SNAPSHOT_CANDIDATE, SNAPSHOT_TAG, Decision, Guard
 from fastrl.monitor.log import MetricLogger, NullLogger, nvtx_range
 from fastrl.monitor.states import healthy_fraction, state_fractions
@@ -385,6 +386,39 @@ def probe_rows(batch: Batch, tool_call_id: int, newline_id: int) -> torch.Tensor
     return at[batch.target_mask]
 
 
+def decision_probe_set(run: Run) -> list[Trajectory]:
+    """The decision probe's data (`monitor.decision_probe_tasks`): held-out expert trajectories
+    with a loss mask on each message after a question or a tool result (`decision_positions`)."""
+    tasks = run.eval_sets["test"][: run.cfg.monitor.decision_probe_tasks]
+    habit_turns = {t.id: ["stop_early" in a for a in applicable(t)] for t in tasks}
+    trajs = expert_trajectories(run.tokenizer, run.world, tasks, run.limits)
+    probe = [decision_positions(t, habit_turns[t.task_id]) for t in trajs]
+    return [t for t in probe if t.info["kinds"]]
+
+
+@torch.no_grad()
+def decision_probe(run: Run, probe: list[Trajectory], tool_call_id: int) -> dict[str, float]:
+    """Mean p(`<tool_call>`) over the probe's positions of each kind: `ctrl/habit_p_tool_call`,
+    `ctrl/first_p_tool_call`, `ctrl/continue_p_tool_call` and `ctrl/answer_p_tool_call` (see
+    `decision_positions`)."""
+    cfg = run.cfg
+    probs, kinds = [], []
+    for group in micro_batches(probe, cfg.optim.max_tokens_per_microbatch, cfg.optim.packing):
+        batch = collate(group, run.pad_id, model_device(run.model))
+        _, _, ctrl = token_stats(
+            run.model, batch, control_ids=[tool_call_id], packed=cfg.optim.packing
+        )
+        probs.append(ctrl[:, 0].float().cpu())  # rows: the masked positions, row-major
+        kinds += [k for t in group for k in t.info["kinds"]]
+    p = torch.cat(probs)
+    row = {}
+    for kind in ("habit", "first", "continue", "answer"):
+        where = torch.tensor([k == kind for k in kinds], dtype=torch.bool)
+        if where.any():
+            row[f"ctrl/{kind}_p_tool_call"] = p[where].mean().item()
+    return row
+
+
 # --------------------------------------------------------------------------- evaluation
 def play_in_batches(
     engine,
@@ -610,8 +644,36 @@ def expert_calls(task: Task) -> int:
 
 
 def expert_trajectories(tokenizer, world, tasks: list[Task], limits: Limits) -> list[Trajectory]:
-    """Play each task's expert messages through its environment: SFT data with real observations."""
+    """Play each task's expert messages through its environment (real observations) and keep
+    the trajectories that solve their task: OPS members, ETS/PRS and mixed SFT data, the probes,
+    and the SFT warm-up's data while `env.teacher` has no habit."""
     scripts = {t.id: [m for turn in t.expert for m in turn] for t in tasks}
+    trajs = play_scripts(tokenizer, world, tasks, limits, scripts, "expert")
+    return [t for t in trajs if t.success and not t.truncated]
+
+
+def teacher_habits(cfg: Config) -> Habits:
+    t = cfg.env.teacher
+    return Habits(stop_early=t.stop_early_rate, skip_lookup=t.skip_lookup_rate, guess=t.guess_rate)
+
+
+def teacher_trajectories(
+    tokenizer, world, tasks: list[Task], limits: Limits, habits: Habits, seed: int
+) -> list[Trajectory]:
+    """Play each task's teacher demonstration (`env.teacher`) through its environment, one
+    trajectory per task in `tasks`' order, kept whether or not it solves the task: the SFT
+    warm-up's data. `info["habits"]` names the habit that fired in each user turn."""
+    made = {t.id: demonstration(t, habits, seed) for t in tasks}
+    scripts = {i: [m for turn in messages for m in turn] for i, (messages, _) in made.items()}
+    trajs = play_scripts(tokenizer, world, tasks, limits, scripts, "teacher")
+    for t in trajs:
+        t.info["habits"] = made[t.task_id][1]
+    return trajs
+
+
+def play_scripts(
+    tokenizer, world, tasks: list[Task], limits: Limits, scripts: dict, source: str
+) -> list[Trajectory]:
     engine = ScriptedEngine(tokenizer, scripts)
     trajs = run_episodes(
         engine,
@@ -623,8 +685,8 @@ def expert_trajectories(tokenizer, world, tasks: list[Task], limits: Limits) -> 
         request_ids=[t.id for t in tasks],
     )
     for t in trajs:
-        t.source = "expert"
-    return [t for t in trajs if t.success and not t.truncated]
+        t.source = source
+    return trajs
 
 
 # --------------------------------------------------------------------------- the run
@@ -722,6 +784,13 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     if run.optimizers.deepspeed is not None and hasattr(engine, "gather"):
         engine.gather = run.optimizers.deepspeed.gather  # ZeRO-3: each tensor whole when synced
 
+    if "teacher_success" not in state["results"]:  # the demonstrations' own test success
+        habits = teacher_habits(cfg)
+        demos = teacher_trajectories(tokenizer, world, eval_sets["test"], limits, habits, cfg.seed)
+        state["results"]["teacher_success"] = sum(t.success for t in demos) / len(demos)
+        if dist.is_main:
+            log.info("teacher success on test: %.3f", state["results"]["teacher_success"])
+
     def baseline() -> None:  # test success of the policy RL starts from
         if "sft_success" not in state["results"]:
             state["results"]["sft_success"] = run.evaluate("test")["success"]
@@ -758,6 +827,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             model.save_pretrained(final_dir)
             tokenizer.save_pretrained(final_dir)
     summary = {
+        "teacher_success": results.get("teacher_success"),
         "sft_success": results.get("sft_success"),
         "rl_success": results.get("rl_success"),
         "format_ood_success": results.get("format_ood_success"),
@@ -1085,7 +1155,8 @@ def log_sft_row(run: Run, name: str, stats: dict[str, Any], optimizer) -> None:
 
 
 def sft_phase(run: Run, phase: Phase, tasks: list[Task]) -> None:
-    """The SFT warm-up: `phase.steps` steps of `sft.batch_size` expert trajectories."""
+    """The SFT warm-up: `phase.steps` steps of `sft.batch_size` teacher demonstrations (the
+    expert's own while `env.teacher` has no habit)."""
     cfg, state = run.cfg, run.state
     optimizer = run.optimizers.get("sft", cfg.sft.lr)
     warmup = int(cfg.sft.warmup_ratio * phase.steps)
@@ -1096,7 +1167,13 @@ def sft_phase(run: Run, phase: Phase, tasks: list[Task]) -> None:
             pos, task = next(stream)
             batch_tasks.append(task)
         state["sft_position"] = pos + 1
-        trajs = expert_trajectories(run.tokenizer, run.world, run.share(batch_tasks), run.limits)
+        mine, habits = run.share(batch_tasks), teacher_habits(cfg)
+        if habits.perfect:  # the expert's own trajectories, where they solve their task
+            trajs = expert_trajectories(run.tokenizer, run.world, mine, run.limits)
+        else:
+            trajs = teacher_trajectories(
+                run.tokenizer, run.world, mine, run.limits, habits, cfg.seed
+            )
         lr = cfg.sft.lr * lr_factor(state["phase_step"], phase.steps, warmup, cfg.sft.schedule)
         log_sft_row(run, phase.name, sft_step(run, optimizer, trajs, lr), optimizer)
     run.optimizers.drop("sft")
@@ -1339,7 +1416,10 @@ def rl_phase(run: Run, phase: Phase) -> None:
         state["guard"] = guard.state_dict()
         run.checkpoint(SNAPSHOT_CANDIDATE)
     window = cfg.supervision.ets.window
+    probe = decision_probe_set(run) if cfg.monitor.decision_probe_tasks else []
     while state["phase_step"] < phase.steps:
+        # -- the decision probe, on the policy that samples this step
+        probed = decision_probe(run, probe, ctrl["tool_call"]) if probe else {}
         # -- rollout
         t0 = time.time()
         run.engine.wake()
@@ -1368,6 +1448,7 @@ def rl_phase(run: Run, phase: Phase) -> None:
         t1 = time.time()
         row: dict[str, Any] = {"step": state["step"] + 1, "phase": "rl", "phase/name": phase.name}
         row.update(rollout_metrics(played))
+        row.update(probed)
         row["rollout/kept"] = len(trajs) / max(1, len(played))
         experts = []
         mu = 0.0
