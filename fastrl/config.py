@@ -77,7 +77,7 @@ class TeacherConfig:
     # teacher model might have (fastrl/envs/teacher.py; synthetic world only). Each rate is the
     # chance, per turn the habit applies to, that the teacher falls into it; decisions are drawn
     # per task, turn and run seed. All 0: the expert's own (perfect) demonstrations. The expert
-    # (Task.expert) stays the truth for the oracle, OPS, ETS/PRS, hints and the expert probe.
+    # (Task.expert) stays the truth for the oracle, OPS, ETS/PRS, mixed SFT, hints and probes.
     # Habits touch only a task's last turn or turns that only read the world.
     # stop_early: in a turn of 2+ calls, answer with the value in hand ("The answer is Paris.")
     # instead of making the turn's last call.
@@ -243,8 +243,10 @@ class MonitorConfig:
     # EMA weight of the newest value in the running mean and variance.
     alarm_alpha: float = 0.1
     # Held-out test tasks whose expert trajectories the decision probe scores every RL step:
-    # p(<tool_call>) at the turns after a tool result where the expert calls again
-    # (ctrl/continue_p_tool_call) or answers (ctrl/answer_p_tool_call); 0 turns it off.
+    # p(<tool_call>) after each question and tool result, where the expert makes a turn's last
+    # call (ctrl/habit_p_tool_call; a teacher that stops early answers there), its first call
+    # (ctrl/first_p_tool_call), another call (ctrl/continue_p_tool_call) or answers
+    # (ctrl/answer_p_tool_call); 0 turns it off.
     decision_probe_tasks: int = 32
 
 

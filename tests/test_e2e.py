@@ -231,9 +231,8 @@ def test_bad_replay_file_or_policy_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--policy", f"replay:{bad}", *common]) == 2
     assert "bad.jsonl:1: expected" in capsys.readouterr().err
     assert main(["eval", "--policy", "gpt", *common]) == 2
-    assert (
-        "--policy must be model, oracle or replay:FILE.jsonl, got 'gpt'" in capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert "--policy must be model, oracle, teacher or replay:FILE.jsonl, got 'gpt'" in err
     with pytest.raises(ReplayError, match="bad.jsonl:1"):  # the API raises it
         evaluate("test", policy=f"replay:{bad}", config="configs/smoke.yaml", limit=2)
 

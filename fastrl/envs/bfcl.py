@@ -486,6 +486,8 @@ class BFCLWorld:
         "env.teacher.stop_early_rate": 0.0,
         "env.teacher.skip_lookup_rate": 0.0,
         "env.teacher.guess_rate": 0.0,
+        # The decision probe's forward runs every RL step; BFCL episodes are long.
+        "monitor.decision_probe_tasks": 8,
         "rollout.max_turns": 30,
         "rollout.max_turn_tokens": 2048,
         "rollout.max_obs_tokens": 1024,
