@@ -11,7 +11,7 @@ optional `summary.json` and `config.yaml`, and writes `RUN_DIR/report/*.png` and
   `ctrl/continue_p_tool_call`, `ctrl/answer_p_tool_call`): p(`<tool_call>`) on fixed held-out
   expert trajectories where the expert makes the call a teacher that stops early leaves out,
   its first call after the question (a teacher that guesses answers there), its other calls,
-  and where it answers, with the sampled `success/mean`;
+  and where it answers, with the sampled `success/mean`, over the steps the probe was taken on;
 - `states.png`: the `state/*` fractions of RL steps, stacked;
 - `optimization.png`: `entropy`, `kl`, `clip_frac`, `grad_norm`.
 
@@ -230,7 +230,8 @@ def _plot_decision(rows: Rows, steps: list[int], spans: list[Span], xlim: Xlim, 
     ax.set_ylabel("probability")
     ax.set_title("call or answer: p(<tool_call>) on held-out expert trajectories")
     ax.legend(loc="best", fontsize=8)
-    _finish(fig, [ax], spans, xlim, path)
+    probed = [x for key in DECISION[:4] for x in series[key][0]]
+    _finish(fig, [ax], spans, (min(probed), max(probed)), path)  # the RL steps it was taken on
     return True
 
 
