@@ -36,12 +36,8 @@ from fastrl.envs.base import Task, ToolCall
 from fastrl.envs.formats import get_format
 from fastrl.envs.synthetic import CITIES, OOD_CITIES, answer_ok
 
-# Tools that read the world without changing it.
-READ_ONLY = frozenset(
-    ("lookup_user", "get_weather", "convert", "get_balance", "find_member", "find_flight")
-    + ("get_stock",)
-)
-HABITS = ("stop_early", "guess", "skip_lookup")
+# The tools that change the world (the others only read it).
+WRITES = frozenset(("transfer", "add_todo", "book_flight", "order"))
 
 
 @dataclass(frozen=True)
@@ -73,7 +69,7 @@ def stop_early_turn(calls: list[dict], last_turn: bool = False) -> str | None:
     and only reads, or may write when the turn is the task's last (`last_turn`); the answer names
     that value.
     """
-    if len(calls) < 2 or not (last_turn or calls[-1]["name"] in READ_ONLY):
+    if len(calls) < 2 or not (last_turn or calls[-1]["name"] not in WRITES):
         return None
     fed = _fed(calls[-2]["result"], calls[-1]["arguments"])
     if fed is None:
@@ -90,7 +86,7 @@ def skip_lookup_turn(calls: list[dict], last_turn: bool = False) -> tuple[dict, 
     """
     if len(calls) < 2 or calls[0]["name"] != "lookup_user":
         return None
-    if not last_turn and any(c["name"] not in READ_ONLY for c in calls):
+    if not last_turn and any(c["name"] in WRITES for c in calls):
         return None
     fed = _fed(calls[0]["result"], calls[1]["arguments"])
     if fed is None:
@@ -109,7 +105,7 @@ def guess_turn(turn: dict, last_turn: bool, rng: random.Random) -> str | None:
     another city), kept only where it fails the turn's check.
     """
     calls = turn["calls"]
-    if not calls or not (last_turn or all(c["name"] in READ_ONLY for c in calls)):
+    if not calls or not (last_turn or all(c["name"] not in WRITES for c in calls)):
         return None
     answer = turn["answer"]
     for value in dict.fromkeys(turn["expected"]):
