@@ -147,6 +147,28 @@ def test_token_logprobs_masked_vocabulary_is_finite():
     assert torch.isfinite(logits.grad).all() and torch.all(logits.grad[:, 3:9] == 0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_entropy_gradient_at_minus_inf_logits_is_zero_for_any_weight(backend, monkeypatch):
+    """A loss weighting the entropy by more than 1 (here 2) once gave NaN at -inf logits on the
+    torch backend; the gradient there is 0, and elsewhere the float64 one."""
+    monkeypatch.setenv("FASTRL_BACKEND", backend)
+    logits = torch.tensor([[0.0, float("-inf"), 1.0], [0.3, -0.7, float("-inf")]])  # [N, V]
+    labels = torch.tensor([0, 1])  # [N]
+    logits.requires_grad_()
+    stats = ops.token_logprobs(logits, labels)
+    (2.0 * stats.entropy.sum() - 3.0 * stats.logprobs.sum()).backward()
+    exact = logits.detach().double().clone()
+    kept = torch.isfinite(exact)
+    z = torch.where(kept, exact, 0.0).requires_grad_()
+    logp = torch.log_softmax(z.masked_fill(~kept, float("-inf")), dim=-1)  # [N, V]
+    entropy = -(logp.exp() * torch.where(kept, logp, 0.0)).sum(dim=-1)  # [N]
+    (2.0 * entropy.sum() - 3.0 * logp.gather(1, labels[:, None]).sum()).backward()
+    assert torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(logits.grad.double(), torch.where(kept, z.grad, 0.0), atol=1e-5,
+                               rtol=1e-5)  # fmt: skip
+    assert logits.grad[0, 1] == 0 and logits.grad[1, 2] == 0
+
+
 def test_token_logprobs_never_allocates_full_fp32_logits(monkeypatch):
     n, vocab = 4096, 8192
     full_fp32_bytes = n * vocab * 4
@@ -412,6 +434,17 @@ def test_policy_loss_skips_empty_rows(agg):
     kept = {k: (v[keep] if torch.is_tensor(v) else v) for k, v in kw.items()}
     loss_kept, _ = ops.policy_loss(logp[keep], old[keep], adv[keep], mask[keep], **kept)
     torch.testing.assert_close(loss, loss_kept, atol=1e-12, rtol=1e-12)
+
+
+def test_seq_mean_token_sum_norm_counts_only_rows_with_loss_tokens():
+    """B in Σℓm / (B · norm_len) is the rows that have a loss token (verl), not every row."""
+    logp = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)  # r = 1: pg = -A
+    adv = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)  # row 1 empty
+    loss, _ = ops.policy_loss(logp, logp.detach(), adv, mask, loss_agg="seq-mean-token-sum-norm",
+                              norm_len=4)  # fmt: skip
+    # (-1·2 - 5·3) / (2 rows · 4); dividing by all 3 rows would give -17/12
+    assert loss.item() == pytest.approx(-17 / 8)
 
 
 @pytest.mark.parametrize("agg", reference.LOSS_AGGREGATIONS)

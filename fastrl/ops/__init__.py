@@ -230,7 +230,9 @@ def policy_loss(
 
     Per token, r = exp(logp − old), pg = max(−A·r, −A·clip(r, 1−clip_low, 1+clip_high)) (and
     pg = min(pg, −A·dual_clip) where A < 0), ℓ = pg + kl_coef·KL − entropy_coef·entropy, reduced
-    by `loss_agg` (see `fastrl.ops.reference.aggregate_loss`).
+    by `loss_agg` (see `fastrl.ops.reference.aggregate_loss`). Rows without a loss token are left
+    out of every row count, `seq-mean-token-sum-norm`'s B included: Σℓm / (B · norm_len) with B
+    the rows that have a loss token, as verl does (TRL's `dr_grpo` divides by every row).
 
     Args:
         logprobs, old_logprobs, mask: `(B, T)`; ref_logprobs, entropy: `(B, T)` or None.

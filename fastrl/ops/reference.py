@@ -129,6 +129,9 @@ def _chunk_grad_z(
     else:
         coef = logp.copy_(g_lp[:, None].expand_as(logp))  # [C, V]
     grad_z = coef.mul_(probs).neg_()  # [C, V]
+    # Where p_j = 0 (a −inf logit) the gradient is 0, as in the kernel: with |g_H| > 1 the
+    # clamped log p_j times g_H overflows to ±inf, and inf · 0 would be NaN.
+    grad_z.masked_fill_(probs == 0, 0.0)
     grad_z.scatter_add_(1, torch.where(valid, labels, 0)[:, None], g_lp[:, None])
     return grad_z
 
