@@ -32,11 +32,6 @@ class Phase:
     name: str
     steps: int
 
-    @property
-    def metric_phase(self) -> str:
-        """The `phase` metric value: sft or rl."""
-        return "rl" if self.kind == "rl" else "sft"
-
 
 def build_plan(cfg: Config) -> list[Phase]:
     """The phases of a run, in order."""

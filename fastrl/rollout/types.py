@@ -59,7 +59,6 @@ class Trajectory:
     reward: float = 0.0
     success: bool = False
     truncated: bool = False  # cut by a token or turn limit
-    state: str | None = None  # structural state of the episode's calls
     source: str = "policy"  # policy | expert | hinted
     info: dict[str, Any] = field(default_factory=dict)
 

@@ -1,11 +1,9 @@
 """Token-budget micro-batches and attention over packed sequences.
 
-Micro-batches: a training batch's sequences are bin-packed, first-fit decreasing, into micro-batches
-of at most `max_tokens` real tokens (a sequence longer than the budget gets a micro-batch of its
-own), after the sequences were dealt to data-parallel ranks so that every rank holds about the same
-number of tokens and the same number of micro-batches. The loss normaliser is computed over the
-whole batch, never per micro-batch, so how sequences are grouped does not change the loss or its
-gradient.
+Micro-batches: a rank's share of a training batch is bin-packed, first-fit decreasing, into
+micro-batches of at most `max_tokens` real tokens (a sequence longer than the budget gets a
+micro-batch of its own). The loss normaliser is computed over the whole batch, never per
+micro-batch, so how sequences are grouped does not change the loss or its gradient.
 
 Attention: a packed micro-batch is one sequence of concatenated trajectories with per-sequence
 position ids; attention must stay inside each trajectory. `PackedAttention` is registered with
@@ -23,7 +21,6 @@ transformers as the attention implementation "fastrl_packed" and takes the segme
 from __future__ import annotations
 
 import functools
-import heapq
 import importlib.util
 import logging
 from collections.abc import Sequence
@@ -61,63 +58,6 @@ def first_fit_decreasing(lengths: Sequence[int], max_tokens: int) -> list[list[i
             bins.append([i])
             room.append(max_tokens - n)
     return bins
-
-
-def deal_to_ranks(lengths: Sequence[int], world_size: int) -> list[list[int]]:
-    """Indices of `lengths` dealt to `world_size` ranks, longest first to the least-loaded rank.
-
-    Row counts differ by at most one between ranks (a rank that has its share is skipped), and
-    token totals by at most about one sequence's length.
-    """
-    if world_size <= 0:
-        raise ValueError(f"world_size must be positive, got {world_size}")
-    base, extra = divmod(len(lengths), world_size)  # `extra` ranks take base + 1 rows
-    heap = [(0, r) for r in range(world_size)]
-    ranks: list[list[int]] = [[] for _ in range(world_size)]
-    big = 0  # ranks holding base + 1 rows
-
-    def full(r: int) -> bool:
-        return len(ranks[r]) > base or (len(ranks[r]) == base and big == extra)
-
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        skipped = []
-        tokens, r = heapq.heappop(heap)
-        while full(r):
-            skipped.append((tokens, r))
-            tokens, r = heapq.heappop(heap)
-        ranks[r].append(i)
-        big += len(ranks[r]) == base + 1
-        heapq.heappush(heap, (tokens + lengths[i], r))
-        for item in skipped:
-            heapq.heappush(heap, item)
-    return ranks
-
-
-def plan_micro_batches(
-    lengths: Sequence[int], max_tokens: int, world_size: int = 1
-) -> list[list[list[int]]]:
-    """Per rank, the micro-batches (lists of indices into `lengths`) of one batch.
-
-    Every rank gets the same number of micro-batches (data-parallel ranks must run the same number
-    of backward passes): a rank with fewer bins splits its fullest multi-sequence bin, and when no
-    bin can be split it gets empty micro-batches, which contribute no tokens.
-    """
-    plan = []
-    for indices in deal_to_ranks(lengths, world_size):
-        bins = first_fit_decreasing([lengths[i] for i in indices], max_tokens)
-        plan.append([[indices[j] for j in b] for b in bins])
-    target = max(len(bins) for bins in plan)
-    for bins in plan:
-        while len(bins) < target:
-            splittable = [b for b in bins if len(b) > 1]
-            if not splittable:
-                bins.append([])
-                continue
-            fullest = max(splittable, key=lambda b: sum(lengths[i] for i in b))
-            bins.remove(fullest)
-            half = len(fullest) // 2
-            bins += [fullest[:half], fullest[half:]]
-    return plan
 
 
 # --------------------------------------------------------------------------- attention
@@ -159,16 +99,6 @@ def choose_kernel(device_type: str, requested: str = "auto") -> str:
     return kernel
 
 
-_REQUESTED = {"kernel": "auto"}
-
-
-def set_kernel(name: str) -> None:
-    """Force a packed-attention kernel (`auto` or one of `KERNELS`) for later forwards."""
-    if name != "auto" and name not in KERNELS:
-        raise ValueError(f"unknown packed attention kernel {name!r}; choose auto or {KERNELS}")
-    _REQUESTED["kernel"] = name
-
-
 def packed_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -194,7 +124,7 @@ def packed_attention(
         )
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one packed row, got batch {query.shape[0]}")
-    kernel = choose_kernel(query.device.type, _REQUESTED["kernel"])
+    kernel = choose_kernel(query.device.type)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [N, H, D]
     if kernel == "flash_attn":
         from flash_attn import flash_attn_varlen_func
