@@ -94,7 +94,7 @@ def bench_model(args, device) -> list[dict]:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from fastrl.train import packing
-    from fastrl.train.trainer import Batch, token_stats
+    from fastrl.train.batch import Batch, token_stats
 
     packing.register()
     if device.type == "cuda":

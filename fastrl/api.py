@@ -80,14 +80,12 @@ def evaluate(
     from fastrl.envs import get_world
     from fastrl.envs.base import set_tool_timeout
     from fastrl.envs.teacher import demonstration
+    from fastrl.eval import evaluate_policy, probe_experts, sampled_successes
     from fastrl.rollout.engines import ScriptedEngine
     from fastrl.train.trainer import (
         build_engine,
         build_policy,
-        evaluate_policy,
         limits_of,
-        probe_experts,
-        sampled_successes,
         teacher_habits,
         training_device,
     )

@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from fastrl.algo import supervision as S
 from fastrl.algo.losses import get_policy_loss
 from fastrl.config import load_config
 from fastrl.envs import get_world
@@ -20,8 +21,8 @@ from fastrl.train.distributed import DeepSpeedOptimizer, setup
 
 def batch(tok, world, cache):
     """The global batch: expert trajectories standing in for samples, advantages of both signs."""
-    trajs = T.expert_trajectories(
-        tok, world, world.tasks("train", 6), Limits(max_total_tokens=4096)
+    trajs = S.play_experts(
+        tok, world, world.tasks("train", 6), Limits(max_total_tokens=4096), solved_only=True
     )
     for i, t in enumerate(trajs):
         t.source, t.group_id, t.info["advantage"] = "policy", i // 3, (1.0, -0.5, 0.25)[i % 3]

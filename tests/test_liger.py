@@ -34,19 +34,21 @@ SCRIPT = textwrap.dedent(
     from fastrl.models import apply_liger, load_model
     from fastrl.rollout.loop import Limits
     from fastrl.train import packing
-    from fastrl.train import trainer as T
+    from fastrl.algo import supervision as S
+    from fastrl.train import batch as B
 
     world = get_world("synthetic")
     model, tok, _ = load_model("tiny", corpus=lambda: world.tokenizer_corpus(n_tasks=300),
                                cache_dir=sys.argv[1], vocab_size=512)
     model.config._attn_implementation = packing.register()
-    trajs = T.expert_trajectories(tok, world, world.tasks("test", 3), Limits(max_total_tokens=4096))
-    batch = T.collate(trajs, tok.pad_token_id)
+    tasks, limits = world.tasks("test", 3), Limits(max_total_tokens=4096)
+    trajs = S.play_experts(tok, world, tasks, limits, solved_only=True)
+    batch = B.collate(trajs, tok.pad_token_id)
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         model.cuda()
     with torch.no_grad():  # before patching: liger's RoPE replaces a module function
-        plain, _, _ = T.token_stats(model, batch, packed=True)
+        plain, _, _ = B.token_stats(model, batch, packed=True)
     patched_model = copy.deepcopy(model)
     patches = ["rope", "rms_norm", "swiglu"] if on_gpu else ["rope"]
     patched = apply_liger(patched_model, patches=patches, allow_cpu=True)
@@ -59,7 +61,7 @@ SCRIPT = textwrap.dedent(
         return liger_rope(*args, **kwargs)
     modeling_qwen2.apply_rotary_pos_emb = counted
     with torch.no_grad():
-        liger, _, _ = T.token_stats(patched_model, batch, packed=True)
+        liger, _, _ = B.token_stats(patched_model, batch, packed=True)
     rope_patched = "liger" in liger_rope.__module__ and len(calls) > 0
     mask = batch.target_mask
     print(json.dumps({

@@ -1,9 +1,9 @@
 import torch
 
+from fastrl.algo.supervision import play_experts
 from fastrl.rollout.engines import HFEngine, ScriptedEngine
 from fastrl.rollout.loop import Limits, run_episodes
 from fastrl.rollout.types import Sampling
-from fastrl.train.trainer import expert_trajectories
 
 
 def _expert_scripts(tasks):
@@ -139,7 +139,7 @@ def test_hf_engine_returns_sampled_ids_and_logprobs(tiny_policy, world):
 def test_expert_trajectories_are_sft_data(tiny_policy, world):
     _, tok, _ = tiny_policy
     tasks = world.tasks("train", 16)
-    trajs = expert_trajectories(tok, world, tasks, Limits(max_total_tokens=4096))
+    trajs = play_experts(tok, world, tasks, Limits(max_total_tokens=4096), solved_only=True)
     assert len(trajs) == 16
     assert all(t.source == "expert" and t.success for t in trajs)
 

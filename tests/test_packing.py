@@ -6,9 +6,11 @@ import random
 import pytest
 import torch
 
+from fastrl.algo import supervision as S
 from fastrl.algo.losses import get_policy_loss
 from fastrl.config import load_config
 from fastrl.rollout.loop import Limits
+from fastrl.train import batch as B
 from fastrl.train import packing
 from fastrl.train import trainer as T
 
@@ -52,8 +54,8 @@ def test_kernel_choice_is_available_and_named():
 def test_update_is_the_same_for_two_groupings(tiny_policy, world, loss_agg):
     """Loss and gradients do not depend on how sequences are grouped into micro-batches."""
     model0, tok, _ = tiny_policy
-    trajs = T.expert_trajectories(
-        tok, world, world.tasks("train", 6), Limits(max_total_tokens=4096)
+    trajs = S.play_experts(
+        tok, world, world.tasks("train", 6), Limits(max_total_tokens=4096), solved_only=True
     )
     lengths = [t.num_tokens for t in trajs]
     assert len(set(lengths)) > 1
@@ -67,7 +69,7 @@ def test_update_is_the_same_for_two_groupings(tiny_policy, world, loss_agg):
         cfg = load_config(
             None, [f"optim.max_tokens_per_microbatch={budget}", f"rl.loss_agg={loss_agg}"]
         )
-        groups = T.micro_batches(trajs, budget, packed=True)
+        groups = B.micro_batches(trajs, budget, packed=True)
         model = copy.deepcopy(model0).train()
         model.config._attn_implementation = packing.register()  # the varlen path
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)

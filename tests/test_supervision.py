@@ -19,6 +19,7 @@ from fastrl.envs.base import Task
 from fastrl.monitor.guard import Guard
 from fastrl.rollout.engines import ScriptedEngine
 from fastrl.rollout.loop import Limits
+from fastrl.train import batch as B
 from fastrl.train import trainer as T
 
 LIMITS = Limits(max_total_tokens=4096)
@@ -93,13 +94,13 @@ def test_group_members_hinted_while_sampling_and_experts_played(tiny_policy, wor
 def test_hinted_and_expert_rows_are_left_out_of_the_logprob_gap(tiny_policy, world):
     model, tok, _ = tiny_policy
     cfg = load_config(None, ["optim.grad_clip=0"])
-    trajs = T.expert_trajectories(tok, world, world.tasks("train", 3), LIMITS)
+    trajs = S.play_experts(tok, world, world.tasks("train", 3), LIMITS, solved_only=True)
     sources = ["policy", "hinted", "expert"]
     for t, source in zip(trajs, sources):
         t.source, t.group_id, t.info["advantage"] = source, 0, 1.0
-        batch = T.collate([t], tok.pad_token_id)
+        batch = B.collate([t], tok.pad_token_id)
         with torch.no_grad():
-            lp, _, _ = T.token_stats(model, batch, packed=True)
+            lp, _, _ = B.token_stats(model, batch, packed=True)
         # The policy row matches the engine exactly; the others are 5 nats off.
         offset = 0.0 if source == "policy" else 5.0
         t.engine_logprobs = (lp[batch.target_mask] + offset).tolist()
@@ -144,7 +145,7 @@ def test_ops_luffy_shapes_only_expert_rows(tiny_policy, world):
     """Under LUFFY the expert row's gradient is -A g/(p+g)^2 dp; the sampled row's stays the plain
     policy loss's. Checked by comparing against hand-built losses on the same model."""
     model, tok, _ = tiny_policy
-    trajs = T.expert_trajectories(tok, world, world.tasks("train", 2), LIMITS)
+    trajs = S.play_experts(tok, world, world.tasks("train", 2), LIMITS, solved_only=True)
     trajs[0].source, trajs[1].source = "policy", "expert"
     for t, a in zip(trajs, (0.7, 1.3)):
         t.group_id, t.info["advantage"] = 0, a
@@ -152,8 +153,8 @@ def test_ops_luffy_shapes_only_expert_rows(tiny_policy, world):
     got = _update(["supervision.ops.k=1", "supervision.ops.shaping=luffy", f"rl.loss_agg={agg}"],
                   model, trajs, tok)  # fmt: skip
     m = copy.deepcopy(model).train()
-    batch = T.collate(trajs, tok.pad_token_id)
-    logp, _, _ = T.token_stats(m, batch, packed=False)
+    batch = B.collate(trajs, tok.pad_token_id)
+    logp, _, _ = B.token_stats(m, batch, packed=False)
     mask = batch.target_mask
     adv = torch.tensor([0.7, 1.3])
     plain = get_policy_loss("ppo")(
@@ -192,16 +193,16 @@ def test_chord_phi_weights_tokens_by_p_one_minus_p():
 @pytest.mark.parametrize("chord", [False, True])
 def test_mixed_sft_adds_mu_times_the_sft_gradient(tiny_policy, world, chord):
     model, tok, _ = tiny_policy
-    samples = T.expert_trajectories(tok, world, world.tasks("train", 2), LIMITS)
+    samples = S.play_experts(tok, world, world.tasks("train", 2), LIMITS, solved_only=True)
     for t, a in zip(samples, (1.0, -1.0)):
         t.source, t.group_id, t.info["advantage"] = "policy", 0, a
-    experts = T.expert_trajectories(tok, world, world.tasks("train", 5)[2:], LIMITS)
+    experts = S.play_experts(tok, world, world.tasks("train", 5)[2:], LIMITS, solved_only=True)
     chord_key = f"supervision.mixed_sft.chord_phi={str(chord).lower()}"
     rl_only = _update([chord_key], model, samples, tok)
     mixed = _update([chord_key], model, samples, tok, experts=experts, mixed_weight=0.3)
     m = copy.deepcopy(model).train()
-    batch = T.collate(experts, tok.pad_token_id)
-    logp, _, _ = T.token_stats(m, batch, packed=False)
+    batch = B.collate(experts, tok.pad_token_id)
+    logp, _, _ = B.token_stats(m, batch, packed=False)
     (0.3 * S.mixed_sft_loss(logp, batch.target_mask, chord_phi=chord)).backward()
     for a, b, p in zip(mixed, rl_only, m.parameters()):
         torch.testing.assert_close(a - b, p.grad, rtol=1e-3, atol=1e-6)
@@ -209,14 +210,14 @@ def test_mixed_sft_adds_mu_times_the_sft_gradient(tiny_policy, world, chord):
 
 def test_mixed_sft_alone_when_no_group_carries_a_signal(tiny_policy, world):
     model, tok, _ = tiny_policy
-    samples = T.expert_trajectories(tok, world, world.tasks("train", 2), LIMITS)
+    samples = S.play_experts(tok, world, world.tasks("train", 2), LIMITS, solved_only=True)
     for t in samples:
         t.source, t.group_id, t.info["advantage"] = "policy", 0, 0.0  # the group agreed
-    experts = T.expert_trajectories(tok, world, world.tasks("train", 4)[2:], LIMITS)
+    experts = S.play_experts(tok, world, world.tasks("train", 4)[2:], LIMITS, solved_only=True)
     got = _update([], model, samples, tok, experts=experts, mixed_weight=0.5)
     m = copy.deepcopy(model).train()
-    batch = T.collate(experts, tok.pad_token_id)
-    logp, _, _ = T.token_stats(m, batch, packed=False)
+    batch = B.collate(experts, tok.pad_token_id)
+    logp, _, _ = B.token_stats(m, batch, packed=False)
     (0.5 * S.mixed_sft_loss(logp, batch.target_mask)).backward()
     for g, p in zip(got, m.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=2e-6)
@@ -232,7 +233,7 @@ def _failed(trajs):
 def test_failure_log_windows_and_state(tiny_policy, world):
     _, tok, _ = tiny_policy
     tasks = world.tasks("train", 4)
-    trajs = T.expert_trajectories(tok, world, tasks, LIMITS)
+    trajs = S.play_experts(tok, world, tasks, LIMITS, solved_only=True)
     log = S.FailureLog()
     log.record(1, _failed(trajs[:2]))
     log.record(3, _failed(trajs[2:3]))

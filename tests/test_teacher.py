@@ -6,11 +6,13 @@ import re
 import pytest
 import torch
 
+from fastrl.algo import supervision as S
 from fastrl.algo.losses import get_policy_loss
 from fastrl.config import ConfigError, load_config
 from fastrl.envs.synthetic import answer_ok
 from fastrl.envs.teacher import Habits, applicable, demonstration
 from fastrl.rollout.loop import Limits
+from fastrl.train import batch as B
 from fastrl.train import trainer as T
 
 
@@ -118,7 +120,7 @@ def test_teacher_demonstrations_are_played_and_kept_when_they_fail(tiny_policy, 
     _, tok, _ = tiny_policy
     tasks = world.tasks("train", 40)
     habits = Habits(stop_early=1.0, skip_lookup=1.0, guess=0.3)
-    trajs = T.teacher_trajectories(tok, world, tasks, Limits(max_total_tokens=4096),
+    trajs = S.play_teacher(tok, world, tasks, Limits(max_total_tokens=4096),
                                    habits, seed=0)  # fmt: skip
     assert [t.task_id for t in trajs] == [t.id for t in tasks]  # one per task, in order, all kept
     assert all(t.source == "teacher" for t in trajs)
@@ -135,9 +137,9 @@ def test_teacher_demonstrations_are_played_and_kept_when_they_fail(tiny_policy, 
     skipped = next(t for t in trajs if "skip_lookup" in t.info["habits"])
     # the environment's real answer to the guessed call
     assert any(m["role"] == "tool" and "unknown" in m["content"] for m in skipped.messages)
-    perfect = T.teacher_trajectories(tok, world, tasks, Limits(max_total_tokens=4096),
+    perfect = S.play_teacher(tok, world, tasks, Limits(max_total_tokens=4096),
                                      Habits(), seed=0)  # fmt: skip
-    experts = T.expert_trajectories(tok, world, tasks, Limits(max_total_tokens=4096))
+    experts = S.play_experts(tok, world, tasks, Limits(max_total_tokens=4096), solved_only=True)
     assert [t.response_ids for t in perfect] == [t.response_ids for t in experts]
 
 
@@ -156,9 +158,9 @@ def test_teacher_config_keys():
 
 
 def _completion_logprobs(model, tok, trajs):
-    batch = T.collate(trajs, tok.pad_token_id)
+    batch = B.collate(trajs, tok.pad_token_id)
     with torch.no_grad():
-        logp, _, _ = T.token_stats(model, batch)
+        logp, _, _ = B.token_stats(model, batch)
     return (logp * batch.target_mask).sum(dim=1)  # [B] summed log-probability of each completion
 
 
@@ -172,8 +174,8 @@ def test_one_grpo_step_raises_the_rewarded_completion_and_lowers_the_other(tiny_
         t for t in world.tasks("train", 200)
         if "stop_early" in demonstration(t, Habits(stop_early=1.0), seed=0)[1]
     )  # fmt: skip
-    good = T.expert_trajectories(tok, world, [task], limits)[0]
-    bad = T.teacher_trajectories(tok, world, [task], limits, Habits(stop_early=1.0), seed=0)[0]
+    good = S.play_experts(tok, world, [task], limits, solved_only=True)[0]
+    bad = S.play_teacher(tok, world, [task], limits, Habits(stop_early=1.0), seed=0)[0]
     assert good.success and not bad.success
     group = [good, bad]
     for t in group:

@@ -6,6 +6,8 @@ import types
 import pytest
 import torch
 
+import fastrl.eval as E
+from fastrl.algo import supervision as S
 from fastrl.algo.losses import get_policy_loss
 from fastrl.config import ConfigError, load_config
 from fastrl.envs.teacher import applicable
@@ -13,6 +15,7 @@ from fastrl.monitor.control_tokens import decision_positions
 from fastrl.rollout.engines import ScriptedEngine
 from fastrl.rollout.loop import Limits
 from fastrl.rollout.types import Trajectory
+from fastrl.train import batch as B
 from fastrl.train import packing
 from fastrl.train import trainer as T
 
@@ -20,7 +23,7 @@ from fastrl.train import trainer as T
 def test_collate_aligns_labels_with_trained_tokens():
     t = Trajectory("t", 0, [10, 11, 12], [20, 21, 30, 31, 22], [1, 1, 0, 0, 1], [-1, -2, 0, 0, -3])
     short = Trajectory("s", 1, [10, 11], [40], [1], [-0.5])
-    b = T.collate([t, short], pad_id=0)
+    b = B.collate([t, short], pad_id=0)
     assert b.input_ids.tolist() == [[10, 11, 12, 20, 21, 30, 31, 22], [10, 11, 40, 0, 0, 0, 0, 0]]
     # Position p predicts token p + 1: targets are exactly the sampled response tokens.
     assert b.labels[0][b.target_mask[0]].tolist() == [20, 21, 22]
@@ -33,7 +36,7 @@ def test_collate_aligns_labels_with_trained_tokens():
 
 def test_micro_batches_respect_the_token_budget():
     trajs = [Trajectory(str(i), i, [1] * (5 + 7 * i % 40), [2], [1], [0.0]) for i in range(30)]
-    groups = T.micro_batches(trajs, token_budget=100)
+    groups = B.micro_batches(trajs, token_budget=100)
     assert sorted(t.task_id for g in groups for t in g) == sorted(t.task_id for t in trajs)
     for g in groups:
         assert len(g) == 1 or len(g) * max(t.num_tokens for t in g) <= 100
@@ -77,7 +80,7 @@ def test_sampled_successes_counts_each_tasks_solved_samples(tiny_policy, world):
         for j in range(3)
     }
     rids = [f"{t.id}#{j}" for t in tasks for j in range(3)]
-    solved = T.sampled_successes(
+    solved = E.sampled_successes(
         ScriptedEngine(tok, scripts),
         tok,
         world,
@@ -95,12 +98,12 @@ def test_probe_experts_scores_each_expert_token_given_the_experts_prefix(tiny_po
     model, tok, _ = tiny_policy
     tasks = world.tasks("test", 3)
     limits = Limits(max_total_tokens=4096)
-    rows = T.probe_experts(model, tok, world, tasks, limits, batch_size=2, chunk=7)
-    experts = T.expert_trajectories(tok, world, tasks, limits)
+    rows = E.probe_experts(model, tok, world, tasks, limits, batch_size=2, chunk=7)
+    experts = S.play_experts(tok, world, tasks, limits, solved_only=True)
     assert [e.task_id for e in experts] == [t.id for t in tasks]
     with torch.no_grad():  # independent: the full logits of one trajectory at a time
         for row, traj in zip(rows, experts):
-            b = T.collate([traj], tok.pad_token_id)
+            b = B.collate([traj], tok.pad_token_id)
             logp = model(input_ids=b.input_ids).logits[0].double().log_softmax(-1)
             m = b.target_mask[0]
             lp = logp[m].gather(-1, b.labels[0][m][:, None])[:, 0]  # [n]
@@ -116,7 +119,7 @@ def test_probe_experts_scores_each_expert_token_given_the_experts_prefix(tiny_po
             top = int(logp[m][first].argmax())
             assert miss["top"] == tok.decode([top]) and miss["top_prob"] > miss["prob"]
     # one task at a time and the whole head at once give the same rows
-    again = T.probe_experts(model, tok, world, tasks[1:2], limits, batch_size=1, chunk=4096)
+    again = E.probe_experts(model, tok, world, tasks[1:2], limits, batch_size=1, chunk=4096)
     assert again[0]["expert_logprob"] == pytest.approx(rows[1]["expert_logprob"], rel=1e-5)
 
 
@@ -125,7 +128,7 @@ def test_probe_row_first_miss_skips_ties_and_reports_both_tokens(tiny_policy):
     lp = torch.log(torch.tensor([0.9, 0.5, 0.2, 0.6]))
     top = torch.log(torch.tensor([0.9, 0.5, 0.7, 0.6]))  # a tie at 1, the first miss at 2
     labels, top_id = torch.tensor([11, 12, 13, 14]), torch.tensor([11, 12, 15, 14])
-    row = T.probe_row(tok, lp, top, top_id, labels)
+    row = E.probe_row(tok, lp, top, top_id, labels)
     assert row["expert_tokens"] == 4 and not row["expert_greedy"]
     assert row["expert_logprob"] == pytest.approx(math.log(0.9 * 0.5 * 0.2 * 0.6))
     assert row["expert_min_prob"] == pytest.approx(0.2)
@@ -136,7 +139,7 @@ def test_probe_row_first_miss_skips_ties_and_reports_both_tokens(tiny_policy):
         "top": tok.decode([15]),
         "top_prob": pytest.approx(0.7),
     }
-    hit = T.probe_row(tok, top[:2], top[:2], labels[:2], labels[:2])
+    hit = E.probe_row(tok, top[:2], top[:2], labels[:2], labels[:2])
     assert hit["expert_greedy"] and hit["expert_first_miss"] is None
 
 
@@ -190,7 +193,7 @@ def test_policy_update_with_kl_and_several_updates(tiny_policy, world):
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     cfg = load_config(None, ["rl.kl_coef=0.05", "rl.updates_per_step=2", "rl.entropy_coef=0.01"])
     tasks = world.tasks("train", 4)
-    trajs = T.expert_trajectories(tok, world, tasks, Limits(max_total_tokens=4096))
+    trajs = S.play_experts(tok, world, tasks, Limits(max_total_tokens=4096), solved_only=True)
     for i, t in enumerate(trajs):
         t.group_id = 0
         t.info["advantage"] = 1.0 if i % 2 else -1.0
@@ -247,8 +250,8 @@ def test_policy_update_triton_backend_matches_torch(tiny_policy, world, monkeypa
 
     model0, tok, _ = tiny_policy
     cfg = load_config(None, ["rl.kl_coef=0.05", "rl.entropy_coef=0.01"])
-    trajs = T.expert_trajectories(
-        tok, world, world.tasks("train", 3), Limits(max_total_tokens=4096)
+    trajs = S.play_experts(
+        tok, world, world.tasks("train", 3), Limits(max_total_tokens=4096), solved_only=True
     )
     for i, t in enumerate(trajs):
         t.group_id = 0
@@ -291,14 +294,16 @@ def test_packed_logprobs_equal_one_by_one(tiny_policy, world, attention):
     if attention == packing.ATTN_IMPLEMENTATION:
         packing.register()
     model.config._attn_implementation = attention
-    trajs = T.expert_trajectories(tok, world, world.tasks("test", 5), Limits(max_total_tokens=4096))
+    trajs = S.play_experts(
+        tok, world, world.tasks("test", 5), Limits(max_total_tokens=4096), solved_only=True
+    )
     assert len({t.num_tokens for t in trajs}) > 1  # different lengths: real padding in the batch
     with torch.no_grad():
-        batch = T.collate(trajs, tok.pad_token_id)
-        together, _, _ = T.token_stats(model, batch, packed=True)
+        batch = B.collate(trajs, tok.pad_token_id)
+        together, _, _ = B.token_stats(model, batch, packed=True)
         for row, t in enumerate(trajs):
-            one = T.collate([t], tok.pad_token_id)
-            alone, _, _ = T.token_stats(model, one, packed=True)
+            one = B.collate([t], tok.pad_token_id)
+            alone, _, _ = B.token_stats(model, one, packed=True)
             n = one.target_mask.shape[1]
             torch.testing.assert_close(together[row, :n], alone[0], rtol=1e-5, atol=1e-5)
             # and against the plain padded HF forward of the full model
@@ -327,8 +332,8 @@ def test_negative_weight_zero_trains_on_better_than_average_samples_only(tiny_po
     members alone, so failed samples cannot push down the tokens they share with successes."""
     model, tok, _ = tiny_policy
     cfg = load_config(None, ["rl.negative_weight=0"])
-    trajs = T.expert_trajectories(
-        tok, world, world.tasks("train", 4), Limits(max_total_tokens=4096)
+    trajs = S.play_experts(
+        tok, world, world.tasks("train", 4), Limits(max_total_tokens=4096), solved_only=True
     )
     for i, t in enumerate(trajs):
         t.group_id, t.reward = 0, float(i % 2)
@@ -354,16 +359,16 @@ def test_truncated_importance_sampling_weights_tokens_by_the_capped_ratio(tiny_p
     one whose advantages are scaled by min(e^gap, cap) (different per trajectory, so Adam's scale
     invariance cannot hide a wrong weight)."""
     model, tok, _ = tiny_policy
-    trajs = T.expert_trajectories(
-        tok, world, world.tasks("train", 4), Limits(max_total_tokens=4096)
+    trajs = S.play_experts(
+        tok, world, world.tasks("train", 4), Limits(max_total_tokens=4096), solved_only=True
     )
     gaps = [1.0, 0.25, -0.5, 1.0]
     for i, (t, gap) in enumerate(zip(trajs, gaps)):
         t.group_id, t.info["advantage"] = 0, (1.0 if i % 2 else -0.5)
         t.source = "policy"  # stand-ins for samples (expert rows get weight 1)
-        batch = T.collate([t], tok.pad_token_id)
+        batch = B.collate([t], tok.pad_token_id)
         with torch.no_grad():
-            lp, _, _ = T.token_stats(model, batch, packed=True)
+            lp, _, _ = B.token_stats(model, batch, packed=True)
         p, n = len(t.prompt_ids), t.num_tokens
         t.engine_logprobs = [
             (v - gap) * m for v, m in zip(lp[0, p - 1 : n - 1].tolist(), t.loss_mask)
@@ -427,8 +432,8 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_a_streak(tiny_policy, w
     cfg = load_config(None, ["optim.max_nonfinite_steps=2"])
     m = copy.deepcopy(model).train()
     opt = T.make_optimizer(m, cfg, 1e-3)
-    trajs = T.expert_trajectories(
-        tok, world, world.tasks("train", 2), Limits(max_total_tokens=4096)
+    trajs = S.play_experts(
+        tok, world, world.tasks("train", 2), Limits(max_total_tokens=4096), solved_only=True
     )
     for t in trajs:
         t.group_id, t.info["advantage"] = 0, float("nan")  # a NaN loss
@@ -455,13 +460,13 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_a_streak(tiny_policy, w
 def test_out_of_memory_names_the_micro_batch_and_its_tokens(tiny_policy, world, monkeypatch):
     model, tok, _ = tiny_policy
     cfg = load_config(None, ["optim.max_tokens_per_microbatch=400"])
-    trajs = T.expert_trajectories(
-        tok, world, world.tasks("train", 4), Limits(max_total_tokens=4096)
+    trajs = S.play_experts(
+        tok, world, world.tasks("train", 4), Limits(max_total_tokens=4096), solved_only=True
     )
     for i, t in enumerate(trajs):
         t.source, t.group_id, t.info["advantage"] = "policy", 0, (1.0, -1.0)[i % 2]
     calls = {"n": 0}
-    real = T.token_stats
+    real = B.token_stats
 
     def second_oom(*args, **kwargs):
         calls["n"] += 1
@@ -472,7 +477,7 @@ def test_out_of_memory_names_the_micro_batch_and_its_tokens(tiny_policy, world, 
     monkeypatch.setattr(T, "token_stats", second_oom)
     m = copy.deepcopy(model).train()
     opt = T.make_optimizer(m, cfg, 1e-4)
-    groups = T.micro_batches(trajs, 400, packed=True)
+    groups = B.micro_batches(trajs, 400, packed=True)
     assert len(groups) >= 2
     with pytest.raises(RuntimeError, match="out of memory in micro-batch 2 of") as err:
         T.policy_update(cfg, m, None, opt, get_policy_loss("ppo"), trajs, trajs,
@@ -500,7 +505,7 @@ def test_training_device_and_batches_on_it():
     traj = Trajectory("a", 0, [5, 6, 7], response_ids=[8, 9], loss_mask=[1, 1],
                       engine_logprobs=[-0.5, -0.25])  # fmt: skip
     short = Trajectory("b", 0, [5], response_ids=[8], loss_mask=[1], engine_logprobs=[-1.0])
-    batch = T.collate([traj, short], pad_id=0, device="cpu")
+    batch = B.collate([traj, short], pad_id=0, device="cpu")
     assert (batch.n_real, batch.longest) == (7, 5)  # host counts: packing never syncs
     assert int(batch.attention_mask.sum()) == batch.n_real
 
@@ -526,7 +531,9 @@ def test_decision_probe_scores_the_turns_after_a_tool_result(tiny_policy, world)
     equal p(<tool_call>) read off the model's full logits at those positions."""
     model, tok, _ = tiny_policy
     tasks = {t.id: t for t in world.tasks("test", 16)}
-    experts = T.expert_trajectories(tok, world, list(tasks.values()), Limits(max_total_tokens=4096))
+    experts = S.play_experts(
+        tok, world, list(tasks.values()), Limits(max_total_tokens=4096), solved_only=True
+    )
     tool_call = tok.convert_tokens_to_ids("<tool_call>")
     probe, by_kind = [], {"habit": [], "first": [], "continue": [], "answer": []}
     for traj in experts:

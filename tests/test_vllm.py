@@ -11,11 +11,13 @@ import torch
 
 pytest.importorskip("vllm")
 
+from fastrl.algo import supervision as S  # noqa: E402
 from fastrl.algo.losses import sft_loss  # noqa: E402
 from fastrl.rollout.engines import HFEngine  # noqa: E402
 from fastrl.rollout.engines.vllm import VLLMEngine  # noqa: E402
 from fastrl.rollout.loop import Limits, _prompt_ids, run_episodes  # noqa: E402
 from fastrl.rollout.types import Sampling  # noqa: E402
+from fastrl.train import batch as B  # noqa: E402
 from fastrl.train import trainer as T  # noqa: E402
 
 LIMITS = Limits(max_turns=6, max_turn_tokens=40, max_obs_tokens=96, max_total_tokens=900)
@@ -28,8 +30,8 @@ def sft_steps(model, tok, trajs, steps: int, lr: float) -> None:
     model.train()
     for step in range(steps):
         group = [trajs[(step * 4 + k) % len(trajs)] for k in range(4)]
-        batch = T.collate(group, tok.pad_token_id)
-        logp, _, _ = T.token_stats(model, batch, packed=True)
+        batch = B.collate(group, tok.pad_token_id)
+        logp, _, _ = B.token_stats(model, batch, packed=True)
         sft_loss(logp, batch.target_mask.float()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -41,7 +43,7 @@ def setup(tiny_policy, world):
     it ends turns and makes calls, and the engine starts from the preset's directory."""
     base, tok, model_dir = tiny_policy
     model = copy.deepcopy(base)
-    experts = T.expert_trajectories(tok, world, world.tasks("train", 32), LIMITS)
+    experts = S.play_experts(tok, world, world.tasks("train", 32), LIMITS, solved_only=True)
     torch.manual_seed(0)
     sft_steps(model, tok, experts, steps=40, lr=3e-3)
     model.eval()
@@ -68,9 +70,9 @@ def trainer_logprobs(model, tok, prompts, outputs, temperature=1.0) -> list[torc
         Trajectory(str(i), i, p, o.token_ids, [1] * len(o.token_ids), o.logprobs)
         for i, (p, o) in enumerate(zip(prompts, outputs))
     ]
-    batch = T.collate(trajs, tok.pad_token_id)
+    batch = B.collate(trajs, tok.pad_token_id)
     with torch.no_grad():
-        logp, _, _ = T.token_stats(model, batch, temperature, packed=True)
+        logp, _, _ = B.token_stats(model, batch, temperature, packed=True)
     return [logp[i][batch.target_mask[i]] for i in range(len(trajs))]
 
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from fastrl.envs.base import Task, ToolCall
 from fastrl.envs.formats import get_format
+from fastrl.envs.teacher import Habits, demonstration
 from fastrl.ops.reference import aggregate_loss
 from fastrl.rollout.engines.scripted import ScriptedEngine
 from fastrl.rollout.loop import Limits, run_episodes
@@ -84,23 +85,22 @@ def hint_suffixes(tasks: list[Task], sources: list[str]) -> list[str | None]:
     return out
 
 
-def play_experts(
+def play_scripted(
     tokenizer: Any,
     world: Any,
     tasks: list[Task],
     limits: Limits,
+    messages: list[list[str]],
+    source: str,
     group_ids: list[int] | None = None,
 ) -> list[Trajectory]:
-    """Each task's expert messages played through a fresh environment and scored.
-
-    Every entry of `tasks` is one episode (repeat a task for several expert members). The tokens
-    are what the trainer sees for the policy's own turns (the chat template's framing, observations
-    with loss mask 0); `source` is "expert" and the engine logprobs are 0 (there are none).
-    """
-    rids = [f"{t.id}#expert{i}" for i, t in enumerate(tasks)]
-    scripts = {rid: [m for turn in t.expert for m in turn] for rid, t in zip(rids, tasks)}
+    """Episode i sends `messages[i]` (assistant texts, in order) in a fresh environment of
+    `tasks[i]`, and is scored. The tokens are what the trainer sees for the policy's own turns
+    (the chat template's framing, observations with loss mask 0); `source` names the episodes,
+    and their engine logprobs are 0 (there are none)."""
+    rids = [f"{t.id}#{source}{i}" for i, t in enumerate(tasks)]
     trajs = run_episodes(
-        ScriptedEngine(tokenizer, scripts),
+        ScriptedEngine(tokenizer, dict(zip(rids, messages, strict=True))),
         tokenizer,
         tasks,
         world.make_env,
@@ -110,7 +110,39 @@ def play_experts(
         request_ids=rids,
     )
     for t in trajs:
-        t.source = "expert"
+        t.source = source
+    return trajs
+
+
+def play_experts(
+    tokenizer: Any,
+    world: Any,
+    tasks: list[Task],
+    limits: Limits,
+    group_ids: list[int] | None = None,
+    solved_only: bool = False,
+) -> list[Trajectory]:
+    """Each task's expert messages played through a fresh environment and scored (`source`
+    "expert"). Every entry of `tasks` is one episode (repeat a task for several OPS members).
+    With `solved_only`, only the episodes that solve their task and were not cut: the data of
+    ETS/PRS, mixed SFT, the probes, and the SFT warm-up while the teacher has no habit."""
+    messages = [[m for turn in t.expert for m in turn] for t in tasks]
+    trajs = play_scripted(tokenizer, world, tasks, limits, messages, "expert", group_ids)
+    return [t for t in trajs if t.success and not t.truncated] if solved_only else trajs
+
+
+def play_teacher(
+    tokenizer: Any, world: Any, tasks: list[Task], limits: Limits, habits: Habits, seed: int
+) -> list[Trajectory]:
+    """Each task's teacher demonstration (`fastrl.envs.teacher`) played through a fresh
+    environment and scored, one trajectory per task in `tasks`' order, kept whether or not it
+    solves the task: the SFT warm-up's data. `info["habits"]` names the habit that fired in each
+    user turn ("" where none did)."""
+    made = [demonstration(t, habits, seed) for t in tasks]
+    messages = [[m for turn in turns for m in turn] for turns, _ in made]
+    trajs = play_scripted(tokenizer, world, tasks, limits, messages, "teacher")
+    for t, (_, fired) in zip(trajs, made, strict=True):
+        t.info["habits"] = fired
     return trajs
 
 

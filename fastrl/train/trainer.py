@@ -28,7 +28,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,22 +51,24 @@ from fastrl.algo.supervision import (
     mixed_sft_loss,
     mixed_sft_weight,
     play_experts,
+    play_teacher,
 )
 from fastrl.config import Config, ConfigError, save_config
 from fastrl.envs import get_world
 from fastrl.envs.base import Task, set_tool_timeout
 from fastrl.envs.formats import get_format
-from fastrl.envs.teacher import Habits, applicable, demonstration
+from fastrl.envs.teacher import Habits, applicable
+from fastrl.eval import evaluate_policy
 from fastrl.models import apply_liger, control_token_ids, load_model
 from fastrl.monitor.control_tokens import SpikeAlarm, decision_positions, gradient_split
 from fastrl.monitor.guard import SNAPSHOT_CANDIDATE, SNAPSHOT_TAG, Decision, Guard
 from fastrl.monitor.log import MetricLogger, NullLogger, nvtx_range
 from fastrl.monitor.states import healthy_fraction, state_fractions
-from fastrl.ops import fused_linear_token_logprobs, pack, position_ids
-from fastrl.rollout.engines import HFEngine, ScriptedEngine
+from fastrl.rollout.engines import HFEngine
 from fastrl.rollout.engines.vllm import VLLMEngine, vllm_available
 from fastrl.rollout.loop import Limits, run_episodes
 from fastrl.rollout.types import Trajectory
+from fastrl.train.batch import Batch, collate, micro_batches, model_device, token_stats
 from fastrl.train.checkpoint import (
     load_checkpoint,
     promote_checkpoint,
@@ -77,7 +79,7 @@ from fastrl.train.checkpoint import (
 )
 from fastrl.train.distributed import DeepSpeedOptimizer, Dist, launched_world_size
 from fastrl.train.distributed import setup as setup_distributed
-from fastrl.train.packing import ATTN_IMPLEMENTATION, choose_kernel, first_fit_decreasing, no_mask
+from fastrl.train.packing import ATTN_IMPLEMENTATION, choose_kernel
 from fastrl.train.packing import register as register_packed_attention
 
 log = logging.getLogger("fastrl.train")
@@ -216,159 +218,6 @@ def task_stream(tasks: list[Task], seed: int, start: int) -> Iterator[tuple[int,
         pos += 1
 
 
-# --------------------------------------------------------------------------- batches
-@dataclass
-class Batch:
-    """Right-padded token batch of trajectories; position t predicts token t + 1."""
-
-    input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, T]
-    target_mask: torch.Tensor  # [B, T] bool: position predicts a trained token
-    labels: torch.Tensor  # [B, T] next token (0 where not a target)
-    engine_logprobs: torch.Tensor  # [B, T] engine logprob of the label token
-    sampled: torch.Tensor  # [B] bool: the row's tokens were sampled from the plain prompt
-    # Known on the host, so packing never reads a count back from the device.
-    n_real: int  # real (non-pad) tokens
-    longest: int  # longest row
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device the model's parameters live on (ZeRO-3 placeholders report theirs too)."""
-    return next(model.parameters()).device
-
-
-def collate(
-    trajs: list[Trajectory], pad_id: int, device: torch.device | str | None = None
-) -> Batch:
-    """Right-pad `trajs` into a Batch, built on the host and copied to `device` when given."""
-    width = max(t.num_tokens for t in trajs)
-    B = len(trajs)
-    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, width), dtype=torch.long)
-    target_mask = torch.zeros((B, width), dtype=torch.bool)
-    labels = torch.zeros((B, width), dtype=torch.long)
-    engine_lp = torch.zeros((B, width), dtype=torch.float32)
-    for row, t in enumerate(trajs):
-        ids = t.prompt_ids + t.response_ids
-        n, p = len(ids), len(t.prompt_ids)
-        input_ids[row, :n] = torch.tensor(ids)
-        attention_mask[row, :n] = 1
-        labels[row, : n - 1] = input_ids[row, 1:n]
-        if t.response_ids:
-            target_mask[row, p - 1 : n - 1] = torch.tensor(t.loss_mask, dtype=torch.bool)
-            engine_lp[row, p - 1 : n - 1] = torch.tensor(t.engine_logprobs, dtype=torch.float32)
-    # Expert members have no engine logprobs; hinted members' were taken in another context.
-    sampled = torch.tensor([t.source == "policy" for t in trajs], dtype=torch.bool)
-    tensors = [input_ids, attention_mask, target_mask, labels, engine_lp, sampled]
-    if device is not None and torch.device(device) != input_ids.device:
-        tensors = [x.to(device, non_blocking=True) for x in tensors]
-    n_real = sum(t.num_tokens for t in trajs)
-    return Batch(*tensors, n_real=n_real, longest=width)
-
-
-def micro_batches(
-    trajs: list[Trajectory], token_budget: int, packed: bool = False
-) -> list[list[Trajectory]]:
-    """Group trajectories into micro-batches that fit the token budget.
-
-    Packed: first-fit decreasing on real token counts (`packing.first_fit_decreasing`). Padded:
-    sorted by length, so each micro-batch's rows x longest fits.
-    """
-    if packed:
-        bins = first_fit_decreasing([t.num_tokens for t in trajs], token_budget)
-        return [[trajs[i] for i in b] for b in bins]
-    ordered = sorted(trajs, key=lambda t: t.num_tokens)
-    groups: list[list[Trajectory]] = []
-    current: list[Trajectory] = []
-    for t in ordered:
-        if current and (len(current) + 1) * t.num_tokens > token_budget:
-            groups.append(current)
-            current = []
-        current.append(t)
-    if current:
-        groups.append(current)
-    return groups
-
-
-def token_stats(
-    model: torch.nn.Module,
-    batch: Batch,
-    temperature: float = 1.0,
-    control_ids: list[int] | None = None,
-    packed: bool = False,
-):
-    """Per-target-token logprob/entropy (and control-token probs) as [B, T] tensors.
-
-    With `packed`, the micro-batch runs padding-free: its real tokens are packed into one sequence
-    with per-sequence position ids, and attention stays inside each sequence. Under the
-    `fastrl_packed` attention the segment boundaries go to a varlen kernel and no mask is built;
-    under another implementation (sdpa, eager) transformers builds a block-diagonal mask from the
-    position ids (no attention mask and no cache given), which costs N^2 over the packed length.
-    Only the trained positions go through the LM head, via the fused op, so the full [B, T, V]
-    logits are never formed.
-    """
-    base = getattr(model, model.base_model_prefix)
-    mask = batch.target_mask  # [B, T]
-    if packed:
-        # Sizes from the host-side counts: no device-to-host sync.
-        ids, cu_seqlens = pack(batch.input_ids, batch.attention_mask, total=batch.n_real)
-        positions = position_ids(cu_seqlens, batch.n_real)  # [N]
-        kwargs = {}
-        if model.config._attn_implementation == ATTN_IMPLEMENTATION:
-            longest = batch.longest
-            kwargs = dict(
-                attention_mask=no_mask(model),
-                cu_seq_lens_q=cu_seqlens,
-                cu_seq_lens_k=cu_seqlens,
-                max_length_q=longest,
-                max_length_k=longest,
-            )
-        hidden = base(
-            input_ids=ids[None], position_ids=positions[None], use_cache=False, **kwargs
-        ).last_hidden_state[0]  # [N, H]
-        # [N] bool, row-major target positions
-        targets, _ = pack(mask, batch.attention_mask, total=batch.n_real)
-        hidden = hidden[targets]  # [M, H]
-    else:
-        hidden = base(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).last_hidden_state[mask]  # [M, H]
-    head = model.get_output_embeddings()
-    labels = batch.labels[mask]  # [M]
-
-    def fused_head(h: torch.Tensor) -> tuple:
-        stats = fused_linear_token_logprobs(
-            h,  # [M, H]
-            head.weight,  # [V, H]
-            labels,
-            temperature=temperature,
-            with_entropy=True,
-            control_ids=control_ids,
-        )
-        return stats.logprobs, stats.entropy, stats.control_probs
-
-    if hasattr(head.weight, "ds_id"):  # ZeRO-3: the head's weight is whole only inside its call
-        token_logp, token_entropy, control_probs = call_as_forward(head, fused_head, hidden)
-    else:
-        token_logp, token_entropy, control_probs = fused_head(hidden)
-    logp = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    logp = logp.masked_scatter(mask, token_logp)  # [B, T]
-    entropy = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(
-        mask, token_entropy
-    )  # [B, T]
-    return logp, entropy, control_probs
-
-
-def call_as_forward(module: torch.nn.Module, fn: Callable, *args: Any) -> Any:
-    """`fn(*args)` run as `module`'s forward, so the hooks on the module run around it (ZeRO-3
-    gathers the module's weights before and releases them after, and again for backward)."""
-    module.forward = fn
-    try:
-        return module(*args)
-    finally:
-        del module.forward
-
-
 def turn_start_rows(batch: Batch) -> torch.Tensor:
     """Bool [N] over target positions: the model is about to write a turn's first token (the
     first trained position of each run of trained positions)."""
@@ -391,7 +240,7 @@ def decision_probe_set(run: Run) -> list[Trajectory]:
     with a loss mask on each message after a question or a tool result (`decision_positions`)."""
     tasks = run.eval_sets["test"][: run.cfg.monitor.decision_probe_tasks]
     habit_turns = {t.id: ["stop_early" in a for a in applicable(t)] for t in tasks}
-    trajs = expert_trajectories(run.tokenizer, run.world, tasks, run.limits)
+    trajs = play_experts(run.tokenizer, run.world, tasks, run.limits, solved_only=True)
     probe = [decision_positions(t, habit_turns[t.task_id]) for t in trajs]
     return [t for t in probe if t.info["kinds"]]
 
@@ -419,208 +268,6 @@ def decision_probe(run: Run, probe: list[Trajectory], tool_call_id: int) -> dict
     return row
 
 
-# --------------------------------------------------------------------------- evaluation
-def play_in_batches(
-    engine,
-    tokenizer,
-    world,
-    tasks: list[Task],
-    limits: Limits,
-    *,
-    temperature: float,
-    top_p: float = 1.0,
-    batch_size: int = 128,
-    request_ids: list[str] | None = None,
-) -> list[Trajectory]:
-    """One episode per entry of `tasks`, `batch_size` episodes per `run_episodes` call."""
-    trajs: list[Trajectory] = []
-    for start in range(0, len(tasks), batch_size):
-        trajs += run_episodes(
-            engine,
-            tokenizer,
-            tasks[start : start + batch_size],
-            world.make_env,
-            limits=limits,
-            temperature=temperature,
-            top_p=top_p,
-            request_ids=request_ids[start : start + batch_size] if request_ids else None,
-        )
-    return trajs
-
-
-def evaluate_policy(
-    engine,
-    tokenizer,
-    world,
-    tasks: list[Task],
-    limits: Limits,
-    *,
-    batch_size: int = 128,
-    request_ids: list[str] | None = None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Greedy episodes on `tasks`; returns (summary, one row per task)."""
-    trajs = play_in_batches(
-        engine,
-        tokenizer,
-        world,
-        tasks,
-        limits,
-        temperature=0.0,
-        batch_size=batch_size,
-        request_ids=request_ids,
-    )
-    rows = [
-        {
-            "task_id": t.task_id,
-            "success": t.success,
-            "reward": t.reward,
-            "truncated": t.truncated,
-            "turns": len(t.turn_spans),
-            "first_failing_turn": t.info.get("first_failing_turn"),
-            **({"category": t.info["category"]} if "category" in t.info else {}),
-            **({"error": t.info["error"]} if "error" in t.info else {}),
-            "states": t.info.get("states", []),
-            "messages": t.messages,
-        }
-        for t in trajs
-    ]
-    n = len(rows)
-    summary = {
-        "success": sum(r["success"] for r in rows) / max(1, n),
-        "reward": sum(r["reward"] for r in rows) / max(1, n),
-        "truncated": sum(r["truncated"] for r in rows) / max(1, n),
-        "n": n,
-    }
-    categories = sorted({r["category"] for r in rows if "category" in r})
-    if categories:  # e.g. BFCL's base / miss_param / miss_func
-        summary["success_by_category"] = {
-            c: sum(r["success"] for r in rows if r.get("category") == c)
-            / sum(1 for r in rows if r.get("category") == c)
-            for c in categories
-        }
-    return summary, rows
-
-
-def sampled_successes(
-    engine,
-    tokenizer,
-    world,
-    tasks: list[Task],
-    limits: Limits,
-    *,
-    samples: int,
-    temperature: float,
-    top_p: float = 1.0,
-    batch_size: int = 128,
-    request_ids: list[str] | None = None,
-) -> list[int]:
-    """Solved episodes out of `samples` sampled at `temperature` and `top_p`, per task (in
-    `tasks`' order).
-
-    `request_ids`, when given, names every episode, task-major (`samples` per task in a row).
-    """
-    solved: dict[str, int] = {t.id: 0 for t in tasks}
-    for t in play_in_batches(
-        engine,
-        tokenizer,
-        world,
-        [t for t in tasks for _ in range(samples)],
-        limits,
-        temperature=temperature,
-        top_p=top_p,
-        batch_size=batch_size,
-        request_ids=request_ids,
-    ):
-        solved[t.task_id] += int(t.success)
-    return [solved[t.id] for t in tasks]
-
-
-@torch.no_grad()
-def probe_experts(
-    model: torch.nn.Module,
-    tokenizer,
-    world,
-    tasks: list[Task],
-    limits: Limits,
-    *,
-    batch_size: int = 8,
-    chunk: int = 1024,
-) -> list[dict[str, Any] | None]:
-    """Teacher-force each task's expert trajectory through `model`; per task (in `tasks`' order)
-    how the policy rates the expert's tokens, or None where the expert does not solve the task.
-
-    The expert's messages are played through the task's environment (as SFT sees them), and every
-    token the expert writes is scored given the expert's own prefix. A row holds `expert_tokens`,
-    `expert_logprob` (their summed log-probability, nats), `expert_min_prob`, `expert_greedy`
-    (every expert token is a most likely token: greedy decoding would write the expert's
-    trajectory) and `expert_first_miss`, the first token that is not: its position among the
-    expert's tokens, the expert's token and its probability, and the model's top token and its
-    probability. A first miss at a probability like 1e-3 is a step that sampling almost never
-    takes, so no GRPO group from this policy is rewarded for the expert's way through that task.
-    Only the expert's positions go through the LM head, `chunk` rows at a time.
-    """
-    by_id = {t.task_id: t for t in expert_trajectories(tokenizer, world, tasks, limits)}
-    trajs = [by_id[t.id] for t in tasks if t.id in by_id]
-    base = getattr(model, model.base_model_prefix)
-    head = model.get_output_embeddings()
-    rows: dict[str, dict[str, Any]] = {}
-    for start in range(0, len(trajs), batch_size):
-        part = trajs[start : start + batch_size]
-        batch = collate(part, tokenizer.pad_token_id, model_device(model))
-        mask = batch.target_mask  # [B, T]
-        hidden = base(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).last_hidden_state[mask]  # [M, H]
-        labels = batch.labels[mask]  # [M]
-        label_lp, top_lp, top_id = [], [], []
-        for h, y in zip(hidden.split(chunk), labels.split(chunk)):
-            logp = head(h).float().log_softmax(-1)  # [m, V]
-            label_lp.append(logp.gather(-1, y[:, None])[:, 0])
-            best = logp.max(-1)
-            top_lp.append(best.values)
-            top_id.append(best.indices)
-        counts = mask.sum(-1).tolist()
-        per_row = zip(
-            part,
-            torch.cat(label_lp).cpu().split(counts),
-            torch.cat(top_lp).cpu().split(counts),
-            torch.cat(top_id).cpu().split(counts),
-            labels.cpu().split(counts),
-        )
-        for traj, *scores in per_row:
-            rows[traj.task_id] = probe_row(tokenizer, *scores)
-    return [rows.get(t.id) for t in tasks]
-
-
-def probe_row(
-    tokenizer,
-    label_lp: torch.Tensor,
-    top_lp: torch.Tensor,
-    top_id: torch.Tensor,
-    labels: torch.Tensor,
-) -> dict[str, Any]:
-    """One task's `probe_experts` row from the log-probabilities of the expert's tokens
-    (`label_lp`, [n]), the most likely token's (`top_lp`, `top_id`) and the expert's tokens."""
-    missed = (label_lp < top_lp).nonzero()[:, 0].tolist()  # a tie is not a miss
-    first = None
-    if missed:
-        i = missed[0]
-        first = {
-            "index": i,
-            "token": tokenizer.decode([int(labels[i])]),
-            "prob": math.exp(float(label_lp[i])),
-            "top": tokenizer.decode([int(top_id[i])]),
-            "top_prob": math.exp(float(top_lp[i])),
-        }
-    return {
-        "expert_tokens": len(labels),
-        "expert_logprob": float(label_lp.double().sum()),
-        "expert_min_prob": math.exp(float(label_lp.min())) if len(labels) else 1.0,
-        "expert_greedy": not missed,
-        "expert_first_miss": first,
-    }
-
-
 def demonstrated(cfg: Config, train_tasks: list[Task]) -> list[Task]:
     """The train tasks SFT shows expert trajectories of (`sft.max_expert_calls`)."""
     if not cfg.sft.max_expert_calls:
@@ -643,50 +290,9 @@ def expert_calls(task: Task) -> int:
     return sum(len(fmt.parse(m).calls) for turn in task.expert for m in turn)
 
 
-def expert_trajectories(tokenizer, world, tasks: list[Task], limits: Limits) -> list[Trajectory]:
-    """Play each task's expert messages through its environment (real observations) and keep
-    the trajectories that solve their task: OPS members, ETS/PRS and mixed SFT data, the probes,
-    and the SFT warm-up's data while `env.teacher` has no habit."""
-    scripts = {t.id: [m for turn in t.expert for m in turn] for t in tasks}
-    trajs = play_scripts(tokenizer, world, tasks, limits, scripts, "expert")
-    return [t for t in trajs if t.success and not t.truncated]
-
-
 def teacher_habits(cfg: Config) -> Habits:
     t = cfg.env.teacher
     return Habits(stop_early=t.stop_early_rate, skip_lookup=t.skip_lookup_rate, guess=t.guess_rate)
-
-
-def teacher_trajectories(
-    tokenizer, world, tasks: list[Task], limits: Limits, habits: Habits, seed: int
-) -> list[Trajectory]:
-    """Play each task's teacher demonstration (`env.teacher`) through its environment, one
-    trajectory per task in `tasks`' order, kept whether or not it solves the task: the SFT
-    warm-up's data. `info["habits"]` names the habit that fired in each user turn."""
-    made = {t.id: demonstration(t, habits, seed) for t in tasks}
-    scripts = {i: [m for turn in messages for m in turn] for i, (messages, _) in made.items()}
-    trajs = play_scripts(tokenizer, world, tasks, limits, scripts, "teacher")
-    for t in trajs:
-        t.info["habits"] = made[t.task_id][1]
-    return trajs
-
-
-def play_scripts(
-    tokenizer, world, tasks: list[Task], limits: Limits, scripts: dict, source: str
-) -> list[Trajectory]:
-    engine = ScriptedEngine(tokenizer, scripts)
-    trajs = run_episodes(
-        engine,
-        tokenizer,
-        tasks,
-        world.make_env,
-        limits=limits,
-        temperature=0.0,
-        request_ids=[t.id for t in tasks],
-    )
-    for t in trajs:
-        t.source = source
-    return trajs
 
 
 # --------------------------------------------------------------------------- the run
@@ -786,7 +392,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
 
     if "teacher_success" not in state["results"]:  # the demonstrations' own test success
         habits = teacher_habits(cfg)
-        demos = teacher_trajectories(tokenizer, world, eval_sets["test"], limits, habits, cfg.seed)
+        demos = play_teacher(tokenizer, world, eval_sets["test"], limits, habits, cfg.seed)
         state["results"]["teacher_success"] = sum(t.success for t in demos) / len(demos)
         if dist.is_main:
             log.info("teacher success on test: %.3f", state["results"]["teacher_success"])
@@ -1169,11 +775,9 @@ def sft_phase(run: Run, phase: Phase, tasks: list[Task]) -> None:
         state["sft_position"] = pos + 1
         mine, habits = run.share(batch_tasks), teacher_habits(cfg)
         if habits.perfect:  # the expert's own trajectories, where they solve their task
-            trajs = expert_trajectories(run.tokenizer, run.world, mine, run.limits)
+            trajs = play_experts(run.tokenizer, run.world, mine, run.limits, solved_only=True)
         else:
-            trajs = teacher_trajectories(
-                run.tokenizer, run.world, mine, run.limits, habits, cfg.seed
-            )
+            trajs = play_teacher(run.tokenizer, run.world, mine, run.limits, habits, cfg.seed)
         lr = cfg.sft.lr * lr_factor(state["phase_step"], phase.steps, warmup, cfg.sft.schedule)
         log_sft_row(run, phase.name, sft_step(run, optimizer, trajs, lr), optimizer)
     run.optimizers.drop("sft")
@@ -1463,7 +1067,9 @@ def rl_phase(run: Run, phase: Phase) -> None:
                 pos, task = next(mix_stream)
                 chosen.append(task)
             state["mix_position"] = pos + 1
-            experts = expert_trajectories(run.tokenizer, run.world, run.share(chosen), run.limits)
+            experts = play_experts(
+                run.tokenizer, run.world, run.share(chosen), run.limits, solved_only=True
+            )
         if trajs:
             assign_advantages(trajs, cfg.rl.advantage, cfg.rl.negative_weight)
             trained = loss_members(trajs, cfg.rl.mask_truncated)

@@ -1,0 +1,220 @@
+"""Evaluation of a policy on a split: greedy success, sampled success and pass@k, and the expert
+probe (how the policy scores each task's expert trajectory under teacher forcing).
+
+`fastrl.api.evaluate` (`fastrl eval`) builds the policy and engine and calls these; the trainer
+calls `evaluate_policy` for its own test evaluations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from fastrl.algo.supervision import play_experts
+from fastrl.envs.base import Task
+from fastrl.rollout.loop import Limits, run_episodes
+from fastrl.rollout.types import Trajectory
+from fastrl.train.batch import collate, model_device
+
+
+def play_in_batches(
+    engine,
+    tokenizer,
+    world,
+    tasks: list[Task],
+    limits: Limits,
+    *,
+    temperature: float,
+    top_p: float = 1.0,
+    batch_size: int = 128,
+    request_ids: list[str] | None = None,
+) -> list[Trajectory]:
+    """One episode per entry of `tasks`, `batch_size` episodes per `run_episodes` call."""
+    trajs: list[Trajectory] = []
+    for start in range(0, len(tasks), batch_size):
+        trajs += run_episodes(
+            engine,
+            tokenizer,
+            tasks[start : start + batch_size],
+            world.make_env,
+            limits=limits,
+            temperature=temperature,
+            top_p=top_p,
+            request_ids=request_ids[start : start + batch_size] if request_ids else None,
+        )
+    return trajs
+
+
+def evaluate_policy(
+    engine,
+    tokenizer,
+    world,
+    tasks: list[Task],
+    limits: Limits,
+    *,
+    batch_size: int = 128,
+    request_ids: list[str] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Greedy episodes on `tasks`; returns (summary, one row per task)."""
+    trajs = play_in_batches(
+        engine,
+        tokenizer,
+        world,
+        tasks,
+        limits,
+        temperature=0.0,
+        batch_size=batch_size,
+        request_ids=request_ids,
+    )
+    rows = [
+        {
+            "task_id": t.task_id,
+            "success": t.success,
+            "reward": t.reward,
+            "truncated": t.truncated,
+            "turns": len(t.turn_spans),
+            "first_failing_turn": t.info.get("first_failing_turn"),
+            **({"category": t.info["category"]} if "category" in t.info else {}),
+            **({"error": t.info["error"]} if "error" in t.info else {}),
+            "states": t.info.get("states", []),
+            "messages": t.messages,
+        }
+        for t in trajs
+    ]
+    n = len(rows)
+    summary = {
+        "success": sum(r["success"] for r in rows) / max(1, n),
+        "reward": sum(r["reward"] for r in rows) / max(1, n),
+        "truncated": sum(r["truncated"] for r in rows) / max(1, n),
+        "n": n,
+    }
+    categories = sorted({r["category"] for r in rows if "category" in r})
+    if categories:  # e.g. BFCL's base / miss_param / miss_func
+        summary["success_by_category"] = {
+            c: sum(r["success"] for r in rows if r.get("category") == c)
+            / sum(1 for r in rows if r.get("category") == c)
+            for c in categories
+        }
+    return summary, rows
+
+
+def sampled_successes(
+    engine,
+    tokenizer,
+    world,
+    tasks: list[Task],
+    limits: Limits,
+    *,
+    samples: int,
+    temperature: float,
+    top_p: float = 1.0,
+    batch_size: int = 128,
+    request_ids: list[str] | None = None,
+) -> list[int]:
+    """Solved episodes out of `samples` sampled at `temperature` and `top_p`, per task (in
+    `tasks`' order).
+
+    `request_ids`, when given, names every episode, task-major (`samples` per task in a row).
+    """
+    solved: dict[str, int] = {t.id: 0 for t in tasks}
+    for t in play_in_batches(
+        engine,
+        tokenizer,
+        world,
+        [t for t in tasks for _ in range(samples)],
+        limits,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        request_ids=request_ids,
+    ):
+        solved[t.task_id] += int(t.success)
+    return [solved[t.id] for t in tasks]
+
+
+@torch.no_grad()
+def probe_experts(
+    model: torch.nn.Module,
+    tokenizer,
+    world,
+    tasks: list[Task],
+    limits: Limits,
+    *,
+    batch_size: int = 8,
+    chunk: int = 1024,
+) -> list[dict[str, Any] | None]:
+    """Teacher-force each task's expert trajectory through `model`; per task (in `tasks`' order)
+    how the policy rates the expert's tokens, or None where the expert does not solve the task.
+
+    The expert's messages are played through the task's environment (as SFT sees them), and every
+    token the expert writes is scored given the expert's own prefix. A row holds `expert_tokens`,
+    `expert_logprob` (their summed log-probability, nats), `expert_min_prob`, `expert_greedy`
+    (every expert token is a most likely token: greedy decoding would write the expert's
+    trajectory) and `expert_first_miss`, the first token that is not: its position among the
+    expert's tokens, the expert's token and its probability, and the model's top token and its
+    probability. A first miss at a probability like 1e-3 is a step that sampling almost never
+    takes, so no GRPO group from this policy is rewarded for the expert's way through that task.
+    Only the expert's positions go through the LM head, `chunk` rows at a time.
+    """
+    by_id = {t.task_id: t for t in play_experts(tokenizer, world, tasks, limits, solved_only=True)}
+    trajs = [by_id[t.id] for t in tasks if t.id in by_id]
+    base = getattr(model, model.base_model_prefix)
+    head = model.get_output_embeddings()
+    rows: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(trajs), batch_size):
+        part = trajs[start : start + batch_size]
+        batch = collate(part, tokenizer.pad_token_id, model_device(model))
+        mask = batch.target_mask  # [B, T]
+        hidden = base(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state[mask]  # [M, H]
+        labels = batch.labels[mask]  # [M]
+        label_lp, top_lp, top_id = [], [], []
+        for h, y in zip(hidden.split(chunk), labels.split(chunk)):
+            logp = head(h).float().log_softmax(-1)  # [m, V]
+            label_lp.append(logp.gather(-1, y[:, None])[:, 0])
+            best = logp.max(-1)
+            top_lp.append(best.values)
+            top_id.append(best.indices)
+        counts = mask.sum(-1).tolist()
+        per_row = zip(
+            part,
+            torch.cat(label_lp).cpu().split(counts),
+            torch.cat(top_lp).cpu().split(counts),
+            torch.cat(top_id).cpu().split(counts),
+            labels.cpu().split(counts),
+        )
+        for traj, *scores in per_row:
+            rows[traj.task_id] = probe_row(tokenizer, *scores)
+    return [rows.get(t.id) for t in tasks]
+
+
+def probe_row(
+    tokenizer,
+    label_lp: torch.Tensor,
+    top_lp: torch.Tensor,
+    top_id: torch.Tensor,
+    labels: torch.Tensor,
+) -> dict[str, Any]:
+    """One task's `probe_experts` row from the log-probabilities of the expert's tokens
+    (`label_lp`, [n]), the most likely token's (`top_lp`, `top_id`) and the expert's tokens."""
+    missed = (label_lp < top_lp).nonzero()[:, 0].tolist()  # a tie is not a miss
+    first = None
+    if missed:
+        i = missed[0]
+        first = {
+            "index": i,
+            "token": tokenizer.decode([int(labels[i])]),
+            "prob": math.exp(float(label_lp[i])),
+            "top": tokenizer.decode([int(top_id[i])]),
+            "top_prob": math.exp(float(top_lp[i])),
+        }
+    return {
+        "expert_tokens": len(labels),
+        "expert_logprob": float(label_lp.double().sum()),
+        "expert_min_prob": math.exp(float(label_lp.min())) if len(labels) else 1.0,
+        "expert_greedy": not missed,
+        "expert_first_miss": first,
+    }
