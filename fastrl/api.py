@@ -69,7 +69,7 @@ def evaluate(
     be rewarded on, so `pass_at_k` bounds what sampling-based RL can teach from this policy.
 
     With `expert_probe` (policy `model` only), each task's expert trajectory is also scored
-    token by token under the policy (teacher forcing; see `fastrl.train.trainer.probe_experts`):
+    token by token under the policy (teacher forcing; see `fastrl.eval.probe_experts`):
     each row adds the `expert_*` fields, and the summary `expert_probed` (tasks whose expert
     solves them), `expert_nll` (mean negative log-likelihood of an expert trajectory, nats),
     `expert_greedy` (share of probed tasks where greedy decoding would write the expert's
