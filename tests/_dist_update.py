@@ -15,6 +15,7 @@ from fastrl.config import load_config
 from fastrl.envs import get_world
 from fastrl.models import load_model
 from fastrl.rollout.loop import Limits
+from fastrl.train import optim as O
 from fastrl.train import trainer as T
 from fastrl.train.distributed import DeepSpeedOptimizer, setup
 
@@ -47,7 +48,7 @@ def optimizer(model, cfg, kind: str) -> torch.optim.Optimizer:
     """AdamW as the trainer builds it, or SGD, whose step shows a wrong gradient scale too."""
     if kind.startswith("sgd"):
         return torch.optim.SGD(model.parameters(), lr=cfg.rl.lr)
-    return T.make_optimizer(model, cfg, cfg.rl.lr)
+    return O.make_optimizer(model, cfg, cfg.rl.lr)
 
 
 def main(out: str, cache: str, agg: str, kind: str, stage: str = "2") -> None:

@@ -20,6 +20,7 @@ from fastrl.monitor.guard import Guard
 from fastrl.rollout.engines import ScriptedEngine
 from fastrl.rollout.loop import Limits
 from fastrl.train import batch as B
+from fastrl.train import optim as O
 from fastrl.train import trainer as T
 
 LIMITS = Limits(max_total_tokens=4096)
@@ -108,7 +109,7 @@ def test_hinted_and_expert_rows_are_left_out_of_the_logprob_gap(tiny_policy, wor
             t.engine_logprobs.pop(0) if m else 0.0 for m in t.loss_mask
         ]  # back to response positions
     m = copy.deepcopy(model).train()
-    opt = T.make_optimizer(m, cfg, 1e-4)
+    opt = O.make_optimizer(m, cfg, 1e-4)
     stats = T.policy_update(cfg, m, None, opt, get_policy_loss("ppo"), trajs, trajs,
                             tok.pad_token_id, 1.0, None, None, 0)  # fmt: skip
     assert stats["rollout/logprob_diff_mean"] < 1e-4

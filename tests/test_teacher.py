@@ -13,6 +13,7 @@ from fastrl.envs.synthetic import answer_ok
 from fastrl.envs.teacher import Habits, applicable, demonstration
 from fastrl.rollout.loop import Limits
 from fastrl.train import batch as B
+from fastrl.train import optim as O
 from fastrl.train import trainer as T
 
 
@@ -185,7 +186,7 @@ def test_one_grpo_step_raises_the_rewarded_completion_and_lowers_the_other(tiny_
     assert good.info["advantage"] > 0 > bad.info["advantage"]
     cfg = load_config(None, ["rl.lr=1e-4"])
     before = _completion_logprobs(model, tok, group)
-    optimizer = T.make_optimizer(model, cfg, cfg.rl.lr)
+    optimizer = O.make_optimizer(model, cfg, cfg.rl.lr)
     args = (get_policy_loss("ppo"), group, group, tok.pad_token_id, 1.0, None, None, 0)
     T.policy_update(cfg, model, None, optimizer, *args)
     after = _completion_logprobs(model, tok, group)

@@ -16,6 +16,7 @@ from fastrl.rollout.engines import ScriptedEngine
 from fastrl.rollout.loop import Limits
 from fastrl.rollout.types import Trajectory
 from fastrl.train import batch as B
+from fastrl.train import optim as O
 from fastrl.train import packing
 from fastrl.train import trainer as T
 
@@ -43,10 +44,10 @@ def test_micro_batches_respect_the_token_budget():
 
 
 def test_lr_schedules():
-    assert [T.lr_factor(s, 10, 2, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
-    assert T.lr_factor(2, 10, 2, "cosine") == pytest.approx(1.0)
-    assert T.lr_factor(10, 10, 2, "cosine") == pytest.approx(0.0)
-    assert T.lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
+    assert [O.lr_factor(s, 10, 2, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert O.lr_factor(2, 10, 2, "cosine") == pytest.approx(1.0)
+    assert O.lr_factor(10, 10, 2, "cosine") == pytest.approx(0.0)
+    assert O.lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
 
 
 class HalfRight(ScriptedEngine):
@@ -199,7 +200,7 @@ def test_policy_update_with_kl_and_several_updates(tiny_policy, world):
         t.info["advantage"] = 1.0 if i % 2 else -1.0
         t.source = "policy"  # stand-ins for samples: the logprob gap is measured on them
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer = T.make_optimizer(model, cfg, 1e-3)
+    optimizer = O.make_optimizer(model, cfg, 1e-3)
     im_end, tool_call = tok.convert_tokens_to_ids(["<|im_end|>", "<tool_call>"])
     control_ids = [tok.convert_tokens_to_ids('{"'), im_end, tool_call]
     newline = tok.encode("\n", add_special_tokens=False)[0]
@@ -342,7 +343,7 @@ def test_negative_weight_zero_trains_on_better_than_average_samples_only(tiny_po
 
     def update(batch):
         m = copy.deepcopy(model).train()
-        opt = T.make_optimizer(m, cfg, 1e-3)
+        opt = O.make_optimizer(m, cfg, 1e-3)
         args = (get_policy_loss("ppo"), batch, batch, tok.pad_token_id, 1.0, None, None, 0)
         T.policy_update(cfg, m, None, opt, *args)
         return [p.detach() for p in m.parameters()]
@@ -377,7 +378,7 @@ def test_truncated_importance_sampling_weights_tokens_by_the_capped_ratio(tiny_p
     def update(overrides, scales):
         cfg = load_config(None, overrides)
         m = copy.deepcopy(model).train()
-        opt = T.make_optimizer(m, cfg, 1e-3)
+        opt = O.make_optimizer(m, cfg, 1e-3)
         batch = [copy.deepcopy(t) for t in trajs]
         for t, scale in zip(batch, scales):
             t.info["advantage"] *= scale
@@ -431,7 +432,7 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_a_streak(tiny_policy, w
     model, tok, _ = tiny_policy
     cfg = load_config(None, ["optim.max_nonfinite_steps=2"])
     m = copy.deepcopy(model).train()
-    opt = T.make_optimizer(m, cfg, 1e-3)
+    opt = O.make_optimizer(m, cfg, 1e-3)
     trajs = S.play_experts(
         tok, world, world.tasks("train", 2), Limits(max_total_tokens=4096), solved_only=True
     )
@@ -444,11 +445,11 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_a_streak(tiny_policy, w
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # nothing applied
     assert not opt.state  # and the optimizer never stepped
     state: dict = {}
-    T.note_nonfinite(state, 1, 2, {})
-    T.note_nonfinite(state, 0, 2, {})  # a healthy step resets the streak
-    T.note_nonfinite(state, 1, 2, {})
+    O.note_nonfinite(state, 1, 2, {})
+    O.note_nonfinite(state, 0, 2, {})  # a healthy step resets the streak
+    O.note_nonfinite(state, 1, 2, {})
     with pytest.raises(RuntimeError, match="max_nonfinite_steps=2"):
-        T.note_nonfinite(state, 1, 2, {})
+        O.note_nonfinite(state, 1, 2, {})
     # A finite update still goes through afterwards.
     for t in trajs:
         t.info["advantage"] = 1.0
@@ -476,7 +477,7 @@ def test_out_of_memory_names_the_micro_batch_and_its_tokens(tiny_policy, world, 
 
     monkeypatch.setattr(T, "token_stats", second_oom)
     m = copy.deepcopy(model).train()
-    opt = T.make_optimizer(m, cfg, 1e-4)
+    opt = O.make_optimizer(m, cfg, 1e-4)
     groups = B.micro_batches(trajs, 400, packed=True)
     assert len(groups) >= 2
     with pytest.raises(RuntimeError, match="out of memory in micro-batch 2 of") as err:
