@@ -1,4 +1,5 @@
-"""The training loop, top to bottom: SFT on expert trajectories, then GRPO on multi-turn tool use.
+"""The training loop, top to bottom: SFT on a teacher's demonstrations, then GRPO on multi-turn
+tool use.
 
     fastrl train --config configs/demo.yaml rl.lr=1e-4 run_dir=runs/x [--resume]
 
