@@ -82,7 +82,7 @@ def evaluate(
     from fastrl.envs.teacher import demonstration
     from fastrl.eval import evaluate_policy, probe_experts, sampled_successes
     from fastrl.rollout.engines import ScriptedEngine
-    from fastrl.train.trainer import (
+    from fastrl.train.build import (
         build_engine,
         build_policy,
         limits_of,

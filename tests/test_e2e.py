@@ -14,6 +14,7 @@ from fastrl.config import load_config
 from fastrl.envs import get_world
 from fastrl.envs.teacher import demonstration
 from fastrl.train import trainer
+from fastrl.train.build import teacher_habits
 
 CONTRACT = [
     "step",
@@ -71,7 +72,7 @@ def test_smoke_run_writes_everything(smoke_run, capsys):
     again = evaluate("test", model=str(smoke_run / "final"), config="configs/smoke.yaml")
     assert again["n"] == cfg.env.eval_tasks
     assert summary["rl_success"] == again["success"]
-    habits = trainer.teacher_habits(cfg)
+    habits = teacher_habits(cfg)
     tasks = get_world("synthetic").tasks("test", cfg.env.eval_tasks)
     clean = [not any(demonstration(t, habits, cfg.seed)[1]) for t in tasks]
     assert summary["teacher_success"] == sum(clean) / len(clean)

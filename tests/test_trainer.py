@@ -16,8 +16,8 @@ from fastrl.rollout.engines import ScriptedEngine
 from fastrl.rollout.loop import Limits
 from fastrl.rollout.types import Trajectory
 from fastrl.train import batch as B
+from fastrl.train import build, packing
 from fastrl.train import optim as O
-from fastrl.train import packing
 from fastrl.train import trainer as T
 
 
@@ -496,13 +496,13 @@ def test_mask_truncated_keeps_cut_episodes_out_of_the_loss_only_when_asked():
 
 
 def test_training_device_and_batches_on_it():
-    assert T.training_device("cpu") == torch.device("cpu")
+    assert build.training_device("cpu") == torch.device("cpu")
     if torch.cuda.is_available():
-        assert T.training_device("auto").type == "cuda"
+        assert build.training_device("auto").type == "cuda"
     else:
-        assert T.training_device("auto") == torch.device("cpu")
+        assert build.training_device("auto") == torch.device("cpu")
         with pytest.raises(ConfigError, match="model.device"):
-            T.training_device("cuda")
+            build.training_device("cuda")
     traj = Trajectory("a", 0, [5, 6, 7], response_ids=[8, 9], loss_mask=[1, 1],
                       engine_logprobs=[-0.5, -0.25])  # fmt: skip
     short = Trajectory("b", 0, [5], response_ids=[8], loss_mask=[1], engine_logprobs=[-1.0])

