@@ -11,6 +11,7 @@ from fastrl.algo import supervision as S
 from fastrl.algo.losses import get_policy_loss
 from fastrl.config import ConfigError, load_config
 from fastrl.envs.teacher import applicable
+from fastrl.monitor import metrics as M
 from fastrl.monitor.control_tokens import decision_positions
 from fastrl.rollout.engines import ScriptedEngine
 from fastrl.rollout.loop import Limits
@@ -32,7 +33,7 @@ def test_collate_aligns_labels_with_trained_tokens():
     assert b.labels[1][b.target_mask[1]].tolist() == [40]
     assert b.attention_mask.sum(1).tolist() == [8, 3]
     # Turn starts: the first trained position of each run (two turns in t, one in short).
-    assert T.turn_start_rows(b).tolist() == [True, False, True, True]
+    assert M.turn_start_rows(b).tolist() == [True, False, True, True]
 
 
 def test_micro_batches_respect_the_token_budget():
@@ -156,7 +157,7 @@ def test_rollout_metrics_count_groups_without_signal_and_solved_groups():
         traj(2, True, source="expert"),  # only the expert solves it: signal, not solved
         *(traj(3, True) for _ in range(2)),  # all solved: no signal
     ]
-    row = T.rollout_metrics(played)
+    row = M.rollout_metrics(played)
     assert row["rollout/frac_reward_zero_std"] == 0.5
     assert row["rollout/solved_groups"] == 0.5
     assert row["supervision/expert_success"] == 1.0
