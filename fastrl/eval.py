@@ -1,5 +1,6 @@
-"""Evaluation of a policy on a split: greedy success, sampled success and pass@k, and the expert
-probe (how the policy scores each task's expert trajectory under teacher forcing).
+"""Evaluation of a policy on a split: greedy success, sampled success and pass@k, the expert
+probe (how the policy scores each task's expert trajectory under teacher forcing), and the
+trainer's decision probe (p(`<tool_call>`) where the expert decides to call or to answer).
 
 `fastrl.api.evaluate` (`fastrl eval`) builds the policy and engine and calls these; the trainer
 calls `evaluate_policy` for its own test evaluations.
@@ -14,9 +15,11 @@ import torch
 
 from fastrl.algo.supervision import play_experts
 from fastrl.envs.base import Task
+from fastrl.envs.teacher import applicable
+from fastrl.monitor.control_tokens import decision_positions
 from fastrl.rollout.loop import Limits, run_episodes
 from fastrl.rollout.types import Trajectory
-from fastrl.train.batch import collate, model_device
+from fastrl.train.batch import collate, micro_batches, model_device, token_stats
 
 
 def play_in_batches(
@@ -218,3 +221,35 @@ def probe_row(
         "expert_greedy": not missed,
         "expert_first_miss": first,
     }
+
+
+# --------------------------------------------------------------------------- decision probe
+def decision_probe_set(tokenizer, world, tasks: list[Task], limits: Limits) -> list[Trajectory]:
+    """The decision probe's data: the expert trajectories of `tasks` (held out) that solve them,
+    with a loss mask on each message after a question or a tool result (`decision_positions`)."""
+    habit_turns = {t.id: ["stop_early" in a for a in applicable(t)] for t in tasks}
+    trajs = play_experts(tokenizer, world, tasks, limits, solved_only=True)
+    probe = [decision_positions(t, habit_turns[t.task_id]) for t in trajs]
+    return [t for t in probe if t.info["kinds"]]
+
+
+@torch.no_grad()
+def decision_probe(
+    model, probe: list[Trajectory], tool_call_id: int, pad_id: int, max_tokens: int, packing: bool
+) -> dict[str, float]:
+    """Mean p(`<tool_call>`) over the probe's positions of each kind: `ctrl/habit_p_tool_call`,
+    `ctrl/first_p_tool_call`, `ctrl/continue_p_tool_call` and `ctrl/answer_p_tool_call` (see
+    `decision_positions`), teacher-forced in micro-batches of `max_tokens`."""
+    probs, kinds = [], []
+    for group in micro_batches(probe, max_tokens, packing):
+        batch = collate(group, pad_id, model_device(model))
+        _, _, ctrl = token_stats(model, batch, control_ids=[tool_call_id], packed=packing)
+        probs.append(ctrl[:, 0].float().cpu())  # rows: the masked positions, row-major
+        kinds += [k for t in group for k in t.info["kinds"]]
+    p = torch.cat(probs)
+    row = {}
+    for kind in ("habit", "first", "continue", "answer"):
+        where = torch.tensor([k == kind for k in kinds], dtype=torch.bool)
+        if where.any():
+            row[f"ctrl/{kind}_p_tool_call"] = p[where].mean().item()
+    return row

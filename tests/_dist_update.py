@@ -10,13 +10,12 @@ import sys
 import torch
 
 from fastrl.algo import supervision as S
-from fastrl.algo.losses import get_policy_loss
 from fastrl.config import load_config
 from fastrl.envs import get_world
 from fastrl.models import load_model
 from fastrl.rollout.loop import Limits
 from fastrl.train import optim as O
-from fastrl.train import trainer as T
+from fastrl.train import update as U
 from fastrl.train.distributed import DeepSpeedOptimizer, setup
 
 
@@ -70,21 +69,7 @@ def main(out: str, cache: str, agg: str, kind: str, stage: str = "2") -> None:
     for _ in range(2 if kind == "sgd-rollback" else 1):
         with opt.writable_weights():
             model.load_state_dict(start)
-        T.policy_update(
-            cfg,
-            model,
-            None,
-            opt,
-            get_policy_loss("ppo"),
-            trajs,
-            trajs,
-            tok.pad_token_id,
-            1.0,
-            None,
-            None,
-            0,
-            dist=dist,
-        )
+        U.policy_update(model, opt, trajs, trajs, cfg.rl.lr, U.step_spec(cfg, tok), dist=dist)
     with opt.full_weights():
         if dist.is_main:
             torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)

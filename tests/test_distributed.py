@@ -10,9 +10,8 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from fastrl.algo.losses import get_policy_loss  # noqa: E402
 from fastrl.models import load_model  # noqa: E402
-from fastrl.train import trainer as T  # noqa: E402
+from fastrl.train import update as U  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -50,8 +49,7 @@ def test_two_rank_update_equals_the_single_process_update(tmp_path, world, agg, 
     cfg = script.config(agg)
     opt = script.optimizer(model, cfg, kind)
     trajs = script.batch(tok, world, cache)
-    T.policy_update(cfg, model, None, opt, get_policy_loss("ppo"), trajs, trajs,
-                    tok.pad_token_id, 1.0, None, None, 0)  # fmt: skip
+    U.policy_update(model, opt, trajs, trajs, cfg.rl.lr, U.step_spec(cfg, tok))
     # AdamW's first step moves each weight by lr * g / (|g| + eps), at most lr = 1e-3. Where |g| is
     # near eps the step follows the summation order of the gradient, which differs between one
     # process and two ranks (1-2 weights in a few matrices, by up to 5e-5): a tenth of lr fails a

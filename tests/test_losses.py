@@ -7,6 +7,7 @@ import torch
 
 from fastrl import ops
 from fastrl.algo import POLICY_LOSSES, get_policy_loss, sft_loss
+from fastrl.algo import losses as L
 from fastrl.algo.losses import cispo_loss, gspo_loss
 
 
@@ -134,3 +135,40 @@ def test_sft_loss():
     assert empty.item() == 0.0
     empty.backward()
     assert torch.all(logp.grad == 0)
+
+
+# --------------------------------------------------------------------------- LUFFY and mixed SFT
+def test_luffy_loss_matches_its_formula():
+    torch.manual_seed(0)
+    logp = (torch.rand(3, 7, dtype=torch.float64) * -3).requires_grad_()
+    adv = torch.tensor([1.5, -0.5, 2.0], dtype=torch.float64)
+    mask = torch.rand(3, 7) > 0.3
+    gamma = 0.1
+    loss = L.luffy_loss(logp, adv, mask, gamma=gamma, loss_agg="token-mean")
+    p = logp.detach().exp()
+    expected = (-(adv[:, None] * p / (p + gamma)) * mask).sum() / mask.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    loss.backward()
+    # d/dlogp of -A p/(p+g) = -A g p / (p+g)^2
+    grad = -(adv[:, None] * gamma * p / (p + gamma) ** 2) * mask / mask.sum()
+    torch.testing.assert_close(logp.grad, grad)
+
+
+def test_mixed_sft_weight_schedules():
+    assert L.mixed_sft_weight(0.5, 0.0, "constant", 7, 10) == 0.5
+    assert L.mixed_sft_weight(0.5, 0.1, "linear", 0, 11) == pytest.approx(0.5)
+    assert L.mixed_sft_weight(0.5, 0.1, "linear", 5, 11) == pytest.approx(0.3)
+    assert L.mixed_sft_weight(0.5, 0.1, "linear", 10, 11) == pytest.approx(0.1)
+    assert L.mixed_sft_weight(0.5, 0.1, "cosine", 5, 11) == pytest.approx(0.3)
+    assert L.mixed_sft_weight(0.5, 0.1, "cosine", 10, 11) == pytest.approx(0.1)
+
+
+def test_chord_phi_weights_tokens_by_p_one_minus_p():
+    logp = torch.tensor([[-0.1, -2.0, -0.7]], requires_grad=True)
+    mask = torch.tensor([[True, True, False]])
+    loss = L.mixed_sft_loss(logp, mask, chord_phi=True)
+    p = logp.detach().exp()
+    phi = p * (1 - p)
+    assert loss.item() == pytest.approx((-(logp.detach() * phi)[mask]).sum().item() / 2)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-phi[0, 0] / 2, -phi[0, 1] / 2, 0.0]]))

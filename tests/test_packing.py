@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from fastrl.algo import supervision as S
-from fastrl.algo.losses import get_policy_loss
 from fastrl.config import load_config
 from fastrl.rollout.loop import Limits
 from fastrl.train import batch as B
 from fastrl.train import packing
-from fastrl.train import trainer as T
+from fastrl.train import update as U
 
 
 def _random_lengths(seed: int, n: int, hi: int = 900) -> list[int]:
@@ -62,8 +61,6 @@ def test_update_is_the_same_for_two_groupings(tiny_policy, world, loss_agg):
     for i, t in enumerate(trajs):
         t.group_id = 0
         t.info["advantage"] = [1.0, -0.5, 0.25, -1.0, 0.75, -0.3][i % 6]
-    newline = tok.encode("\n", add_special_tokens=False)[0]
-    control_ids = tok.convert_tokens_to_ids(['{"', "<|im_end|>", "<tool_call>"])
     results = []
     for budget in (sum(lengths), max(lengths)):  # one micro-batch, then (nearly) one per sequence
         cfg = load_config(
@@ -73,10 +70,7 @@ def test_update_is_the_same_for_two_groupings(tiny_policy, world, loss_agg):
         model = copy.deepcopy(model0).train()
         model.config._attn_implementation = packing.register()  # the varlen path
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        stats = T.policy_update(
-            cfg, model, None, optimizer, get_policy_loss("ppo"), trajs, trajs,
-            tok.pad_token_id, 1.0, control_ids, newline, 0,
-        )  # fmt: skip
+        stats = U.policy_update(model, optimizer, trajs, trajs, cfg.rl.lr, U.step_spec(cfg, tok))
         deltas = [(p - q).detach() for p, q in zip(model.parameters(), model0.parameters())]
         results.append((len(groups), stats, deltas))
     (n_one, s_one, d_one), (n_many, s_many, d_many) = results

@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fastrl.algo import losses as L
 from fastrl.algo import supervision as S
+from fastrl.algo.advantages import group_advantages
 from fastrl.algo.losses import get_policy_loss
 from fastrl.algo.schedule import build_plan
 from fastrl.cli import main
@@ -22,6 +24,7 @@ from fastrl.rollout.loop import Limits
 from fastrl.train import batch as B
 from fastrl.train import optim as O
 from fastrl.train import trainer as T
+from fastrl.train import update as U
 
 LIMITS = Limits(max_total_tokens=4096)
 
@@ -54,9 +57,8 @@ def test_group_members_hinted_while_sampling_and_experts_played(tiny_policy, wor
     )
     tasks = world.tasks("train", 10)
     engine = Recording(tok)
-    state = {"step": 0, "rl_position": 0}
-    kept, played = T.sample_groups(
-        cfg, engine, tok, world, T.task_stream(tasks, 0, 0), LIMITS, state
+    kept, played, _ = T.sample_groups(
+        cfg, engine, tok, world, T.task_stream(tasks, 0, 0), LIMITS, step=0
     )
     assert len(played) == 10 and kept == played
     by_group: dict[int, list] = {}
@@ -86,7 +88,7 @@ def test_group_members_hinted_while_sampling_and_experts_played(tiny_policy, wor
         trained = [i for s, e in expert.turn_spans for i in range(s, e)]
         assert [i for i, m in enumerate(expert.loss_mask) if m] == trained
         assert not any(expert.engine_logprobs)
-    advantages = T.group_advantages(
+    advantages = group_advantages(
         torch.tensor([t.reward for t in played]), torch.tensor([t.group_id for t in played])
     )
     assert all(a > 0 for t, a in zip(played, advantages.tolist()) if t.source == "expert")
@@ -110,25 +112,8 @@ def test_hinted_and_expert_rows_are_left_out_of_the_logprob_gap(tiny_policy, wor
         ]  # back to response positions
     m = copy.deepcopy(model).train()
     opt = O.make_optimizer(m, cfg, 1e-4)
-    stats = T.policy_update(cfg, m, None, opt, get_policy_loss("ppo"), trajs, trajs,
-                            tok.pad_token_id, 1.0, None, None, 0)  # fmt: skip
+    stats = U.policy_update(m, opt, trajs, trajs, 1e-4, U.step_spec(cfg, tok))
     assert stats["rollout/logprob_diff_mean"] < 1e-4
-
-
-def test_luffy_loss_matches_its_formula():
-    torch.manual_seed(0)
-    logp = (torch.rand(3, 7, dtype=torch.float64) * -3).requires_grad_()
-    adv = torch.tensor([1.5, -0.5, 2.0], dtype=torch.float64)
-    mask = torch.rand(3, 7) > 0.3
-    gamma = 0.1
-    loss = S.luffy_loss(logp, adv, mask, gamma=gamma, loss_agg="token-mean")
-    p = logp.detach().exp()
-    expected = (-(adv[:, None] * p / (p + gamma)) * mask).sum() / mask.sum()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
-    loss.backward()
-    # d/dlogp of -A p/(p+g) = -A g p / (p+g)^2
-    grad = -(adv[:, None] * gamma * p / (p + gamma) ** 2) * mask / mask.sum()
-    torch.testing.assert_close(logp.grad, grad)
 
 
 def _update(cfg_overrides, model, trajs, tok, **kw):
@@ -136,10 +121,8 @@ def _update(cfg_overrides, model, trajs, tok, **kw):
     m = copy.deepcopy(model).train()
     opt = torch.optim.SGD(m.parameters(), lr=1.0)
     before = [p.detach().clone() for p in m.parameters()]
-    T.policy_update(cfg, m, None, opt, get_policy_loss(cfg.rl.loss), trajs, trajs,
-                    tok.pad_token_id, 1.0, None, None, 0, **kw)  # fmt: skip
-    lr = opt.param_groups[0]["lr"]  # policy_update sets the scheduled rate
-    return [(b - p.detach()) / lr for b, p in zip(before, m.parameters())]  # the gradient (SGD)
+    U.policy_update(m, opt, trajs, trajs, 1.0, U.step_spec(cfg, tok), **kw)  # SGD at lr 1
+    return [b - p.detach() for b, p in zip(before, m.parameters())]  # the gradient
 
 
 def test_ops_luffy_shapes_only_expert_rows(tiny_policy, world):
@@ -162,7 +145,7 @@ def test_ops_luffy_shapes_only_expert_rows(tiny_policy, world):
         logp, logp.detach(), adv, mask & torch.tensor([[True], [False]]), loss_agg=agg,
         clip_low=0.2, clip_high=0.2, dual_clip=3.0,
     )[0]  # fmt: skip
-    shaped = S.luffy_loss(logp, adv, mask & torch.tensor([[False], [True]]), loss_agg=agg)
+    shaped = L.luffy_loss(logp, adv, mask & torch.tensor([[False], [True]]), loss_agg=agg)
     ((plain + shaped) / 2).backward()
     for g, p in zip(got, m.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=2e-6)
@@ -171,24 +154,6 @@ def test_ops_luffy_shapes_only_expert_rows(tiny_policy, world):
 
 
 # --------------------------------------------------------------------------- mixed SFT
-def test_mixed_sft_weight_schedules():
-    assert S.mixed_sft_weight(0.5, 0.0, "constant", 7, 10) == 0.5
-    assert S.mixed_sft_weight(0.5, 0.1, "linear", 0, 11) == pytest.approx(0.5)
-    assert S.mixed_sft_weight(0.5, 0.1, "linear", 5, 11) == pytest.approx(0.3)
-    assert S.mixed_sft_weight(0.5, 0.1, "linear", 10, 11) == pytest.approx(0.1)
-    assert S.mixed_sft_weight(0.5, 0.1, "cosine", 5, 11) == pytest.approx(0.3)
-    assert S.mixed_sft_weight(0.5, 0.1, "cosine", 10, 11) == pytest.approx(0.1)
-
-
-def test_chord_phi_weights_tokens_by_p_one_minus_p():
-    logp = torch.tensor([[-0.1, -2.0, -0.7]], requires_grad=True)
-    mask = torch.tensor([[True, True, False]])
-    loss = S.mixed_sft_loss(logp, mask, chord_phi=True)
-    p = logp.detach().exp()
-    phi = p * (1 - p)
-    assert loss.item() == pytest.approx((-(logp.detach() * phi)[mask]).sum().item() / 2)
-    loss.backward()
-    torch.testing.assert_close(logp.grad, torch.tensor([[-phi[0, 0] / 2, -phi[0, 1] / 2, 0.0]]))
 
 
 @pytest.mark.parametrize("chord", [False, True])
@@ -204,7 +169,7 @@ def test_mixed_sft_adds_mu_times_the_sft_gradient(tiny_policy, world, chord):
     m = copy.deepcopy(model).train()
     batch = B.collate(experts, tok.pad_token_id)
     logp, _, _ = B.token_stats(m, batch, packed=False)
-    (0.3 * S.mixed_sft_loss(logp, batch.target_mask, chord_phi=chord)).backward()
+    (0.3 * L.mixed_sft_loss(logp, batch.target_mask, chord_phi=chord)).backward()
     for a, b, p in zip(mixed, rl_only, m.parameters()):
         torch.testing.assert_close(a - b, p.grad, rtol=1e-3, atol=1e-6)
 
@@ -219,7 +184,7 @@ def test_mixed_sft_alone_when_no_group_carries_a_signal(tiny_policy, world):
     m = copy.deepcopy(model).train()
     batch = B.collate(experts, tok.pad_token_id)
     logp, _, _ = B.token_stats(m, batch, packed=False)
-    (0.5 * S.mixed_sft_loss(logp, batch.target_mask)).backward()
+    (0.5 * L.mixed_sft_loss(logp, batch.target_mask)).backward()
     for g, p in zip(got, m.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=2e-6)
 
@@ -281,7 +246,7 @@ def test_corrective_data_is_experts_of_failed_tasks_plus_reflections(tiny_policy
 
 def _task(world, n_calls: int) -> Task:
     return next(
-        t for t in world.tasks("train", 200) if T.expert_calls(t) == n_calls and len(t.expert) == 1
+        t for t in world.tasks("train", 200) if S.expert_calls(t) == n_calls and len(t.expert) == 1
     )
 
 
@@ -460,3 +425,15 @@ def test_guard_rolls_back_to_the_healthy_snapshot(tmp_path, monkeypatch, action)
         assert rl_after and all(r["guard/lr_scale"] == 0.5 for r in rl_after)
         assert rl_after[0]["lr"] == pytest.approx(acted[0]["lr"] * 0.5)
     assert sum(r["phase"] == "rl" for r in rows) == 4
+
+
+def test_sft_demonstrates_only_short_tasks_when_asked(world):
+    tasks = world.tasks("train", 200)
+    counts = [S.expert_calls(t) for t in tasks]
+    assert min(counts) == 1 and max(counts) >= 3
+    assert S.demonstrated(tasks, load_config(None, []).sft.max_expert_calls) == tasks
+    short = S.demonstrated(
+        tasks, load_config(None, ["sft.max_expert_calls=2"]).sft.max_expert_calls
+    )
+    assert short and all(S.expert_calls(t) <= 2 for t in short)
+    assert len(short) == sum(c <= 2 for c in counts)

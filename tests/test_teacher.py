@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from fastrl.algo import supervision as S
-from fastrl.algo.losses import get_policy_loss
 from fastrl.config import ConfigError, load_config
 from fastrl.envs.synthetic import answer_ok
 from fastrl.envs.teacher import Habits, applicable, demonstration
 from fastrl.rollout.loop import Limits
 from fastrl.train import batch as B
 from fastrl.train import optim as O
-from fastrl.train import trainer as T
+from fastrl.train import update as U
 
 
 @pytest.fixture(scope="module")
@@ -182,13 +181,13 @@ def test_one_grpo_step_raises_the_rewarded_completion_and_lowers_the_other(tiny_
     for t in group:
         t.group_id, t.source = 0, "policy"
         t.engine_logprobs = [0.0] * len(t.response_ids)
-    T.assign_advantages(group, "grpo", 1.0)
+    U.assign_advantages(group, "grpo", 1.0)
     assert good.info["advantage"] > 0 > bad.info["advantage"]
     cfg = load_config(None, ["rl.lr=1e-4"])
     before = _completion_logprobs(model, tok, group)
     optimizer = O.make_optimizer(model, cfg, cfg.rl.lr)
-    args = (get_policy_loss("ppo"), group, group, tok.pad_token_id, 1.0, None, None, 0)
-    T.policy_update(cfg, model, None, optimizer, *args)
+    lr = cfg.rl.lr * O.lr_factor(0, cfg.rl.steps, cfg.rl.warmup_steps, cfg.rl.schedule)
+    U.policy_update(model, optimizer, group, group, lr, U.step_spec(cfg, tok))
     after = _completion_logprobs(model, tok, group)
     assert after[0] > before[0] + 0.01  # the rewarded completion is more likely
     assert after[1] < before[1] - 0.01  # the unrewarded one less

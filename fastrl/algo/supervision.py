@@ -4,7 +4,8 @@
 - OPS, off-policy supervision: `ops.k` members of every group are the task's expert trajectory,
   played through the environment (`play_experts`), scored and normalised with the sampled members.
   Their tokens are trained with the policy loss (`shaping=clip`) or with LUFFY's shaping
-  `luffy_loss`. They carry no engine logprobs: the logprob-gap metric and truncated IS skip them.
+  (`fastrl.algo.losses.luffy_loss`). They carry no engine logprobs: the logprob-gap metric and
+  truncated IS skip them.
 - HBG, hint-based guidance: `hbg.k` members are sampled with the task's hint appended to the system
   prompt (`hint_suffixes`); the trained sequence has the plain prompt and the sampled ids. The
   engine's logprobs were computed in the hinted context, so hinted members are left out of the
@@ -17,26 +18,24 @@
   failed conversation and the reference solution, answered by a turn-by-turn critique naming the
   first error, its cause and the lesson. Critiques come from a `Reflector`: `RuleReflector` (a
   deterministic comparison with the expert trajectory) or `ModelReflector` (a local judge model).
-- Mixed SFT: `mixed_sft_loss` on expert trajectories added to each RL update with weight
-  `mixed_sft_weight` (constant, linear or cosine from `weight` to `final_weight`), optionally with
-  CHORD's per-token weight p(1 - p).
+- Mixed SFT: `fastrl.algo.losses.mixed_sft_loss` on expert trajectories added to each RL update
+  with weight `mixed_sft_weight` (constant, linear or cosine from `weight` to `final_weight`),
+  optionally with CHORD's per-token weight p(1 - p).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor
 
+from fastrl.config import ConfigError
 from fastrl.envs.base import Task, ToolCall
 from fastrl.envs.formats import get_format
 from fastrl.envs.teacher import Habits, demonstration
-from fastrl.ops.reference import aggregate_loss
 from fastrl.rollout.engines.scripted import ScriptedEngine
 from fastrl.rollout.loop import Limits, run_episodes
 from fastrl.rollout.types import Trajectory
@@ -49,12 +48,11 @@ __all__ = [
     "Reflector",
     "RuleReflector",
     "corrective_data",
+    "demonstrated",
+    "expert_calls",
     "get_reflector",
     "group_sources",
     "hint_suffixes",
-    "luffy_loss",
-    "mixed_sft_loss",
-    "mixed_sft_weight",
     "play_experts",
     "reflection_messages",
     "reflection_trajectory",
@@ -147,49 +145,27 @@ def play_teacher(
 
 
 # --------------------------------------------------------------------------- losses
-def luffy_loss(
-    logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    gamma: float = 0.1,
-    loss_agg: str = "token-mean",
-    norm_len: int | None = None,
-) -> Tensor:
-    """LUFFY's policy shaping on off-policy tokens: ℓ_t = −A · p_t / (p_t + γ), unclipped.
-
-    The gradient, A · γ / (p + γ)² · ∇p, favours low-probability expert tokens. Shapes as the policy
-    losses: `logprobs`, `mask` (B, T); `advantages` (B,) or (B, T).
-    """
-    mask = mask.bool()
-    adv = advantages[:, None] if advantages.dim() == 1 else advantages  # [B, 1] or [B, T]
-    p = torch.where(mask, logprobs, 0.0).exp()  # [B, T]
-    return aggregate_loss(-adv * p / (p + gamma), mask, loss_agg, norm_len)
+def expert_calls(task: Task) -> int:
+    """Number of tool calls in a task's expert solution."""
+    fmt = get_format(task.fmt)
+    return sum(len(fmt.parse(m).calls) for turn in task.expert for m in turn)
 
 
-def mixed_sft_weight(
-    weight: float, final_weight: float, schedule: str, step: int, total: int
-) -> float:
-    """mu at RL step `step` (0-based) of `total`: constant, or linear / cosine decay from `weight`
-    to `final_weight`."""
-    if schedule == "constant" or total <= 1:
-        return weight
-    frac = min(1.0, step / (total - 1))
-    if schedule == "linear":
-        return weight + (final_weight - weight) * frac
-    return final_weight + (weight - final_weight) * 0.5 * (1 + math.cos(math.pi * frac))
-
-
-def mixed_sft_loss(
-    logprobs: Tensor, mask: Tensor, *, chord_phi: bool = False, loss_agg: str = "token-mean"
-) -> Tensor:
-    """NLL of the masked expert tokens; with `chord_phi`, each token weighted by sg(p (1 − p))."""
-    mask = mask.bool()
-    token_loss = -logprobs
-    if chord_phi:
-        p = torch.where(mask, logprobs, 0.0).detach().exp()  # [B, T]
-        token_loss = token_loss * p * (1 - p)
-    return aggregate_loss(token_loss, mask, loss_agg)
+def demonstrated(tasks: list[Task], max_expert_calls: int) -> list[Task]:
+    """The train tasks SFT shows the expert (or teacher) trajectories of: those with at most
+    `max_expert_calls` expert calls (`sft.max_expert_calls`; 0: all)."""
+    if not max_expert_calls:
+        return tasks
+    chosen = [t for t in tasks if expert_calls(t) <= max_expert_calls]
+    log.info(
+        "SFT demonstrates %d of %d train tasks (expert calls <= %d)",
+        len(chosen),
+        len(tasks),
+        max_expert_calls,
+    )
+    if not chosen:
+        raise ConfigError("sft.max_expert_calls: no train task has so few expert calls")
+    return chosen
 
 
 # --------------------------------------------------------------------------- ETS
@@ -208,6 +184,19 @@ class FailureLog:
             self.last_failed[t.task_id] = step
             info = {k: t.info.get(k) for k in ("first_failing_turn", "status") if k in t.info}
             self.examples[t.task_id] = {"messages": t.messages, "info": info}
+
+    def merge(self, step: int, failed: list[dict[str, dict]]) -> None:
+        """Take in other ranks' failures at `step`: one {task id: example} per rank (`mine`)."""
+        for other in failed:
+            for tid, example in other.items():
+                self.last_failed[tid] = step
+                self.examples[tid] = example
+
+    def mine(self, step: int, trajs: Iterable[Trajectory]) -> dict[str, dict]:
+        """{task id: example} of the tasks among `trajs` that failed at `step` (what `merge`
+        takes from each rank)."""
+        tids = {t.task_id for t in trajs if self.last_failed.get(t.task_id) == step}
+        return {tid: self.examples[tid] for tid in tids}
 
     def tasks_since(self, step: int) -> list[str]:
         """Task ids with a failure at RL step >= `step`, oldest failure first."""

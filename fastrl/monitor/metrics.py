@@ -5,15 +5,36 @@ control-token probes at their positions, `probe_rows` and `turn_start_rows`).
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
 import torch
 
 from fastrl.algo.advantages import zero_variance_groups
+from fastrl.models import control_token_ids
 from fastrl.monitor.states import state_fractions
 from fastrl.rollout.types import Trajectory
 from fastrl.train.batch import Batch
 
 CONTROL_KEYS = ("open_json", "im_end", "tool_call")
+
+
+class ProbeIds(NamedTuple):
+    """The token ids the `ctrl/*` metrics look at."""
+
+    control: tuple[int, ...]  # ids of CONTROL_KEYS, in that order
+    newline: int  # `\n`: what follows `<tool_call>` (the `ctrl/p_*` probe position)
+    end_call: int | None  # `</tool_call>`: after it the turn should end
+
+
+def probe_ids(tokenizer: Any) -> ProbeIds:
+    """The `ProbeIds` of `tokenizer` (ValueError when a control token is not a single token)."""
+    ctrl = control_token_ids(tokenizer)
+    return ProbeIds(
+        control=tuple(ctrl[k] for k in CONTROL_KEYS),
+        newline=tokenizer.encode("\n", add_special_tokens=False)[0],
+        end_call=ctrl["end_tool_call"],
+    )
 
 
 def turn_start_rows(batch: Batch) -> torch.Tensor:
@@ -61,10 +82,10 @@ def rollout_metrics(played: list[Trajectory]) -> dict[str, float]:
     return row
 
 
-def token_metrics(
-    add, batch, logp, entropy, ctrl_probs, control_ids, newline_id, end_call_id=None
-) -> None:
-    """Entropy, engine-vs-trainer logprob gap and control-token probe probabilities."""
+def token_metrics(add, batch, logp, entropy, ctrl_probs, ids: ProbeIds | None) -> None:
+    """Entropy, engine-vs-trainer logprob gap and, with `ctrl_probs` (the probabilities of
+    `ids.control` at every trained position), the control-token probes; each recorded through
+    `add(key, value, weight)`."""
     mask = batch.target_mask.float()  # [B, T]
     n = mask.sum().item()
     if n == 0:
@@ -76,20 +97,20 @@ def token_metrics(
         gap = (logp.detach() - batch.engine_logprobs).abs() * sampled  # [B, T]
         add("rollout/logprob_diff_mean", gap.sum().item() / n_sampled, n_sampled)
         add("rollout/logprob_diff_max", gap.max().item(), n_sampled)
-    if ctrl_probs is None:
+    if ctrl_probs is None or ids is None:
         return
     # Mean over every trained token (ctrl_probs rows are the target positions, in order).
     for k, key in enumerate(CONTROL_KEYS):
         add(f"ctrl/mean_p_{key}", ctrl_probs[:, k].mean().item(), n)
-    probe = probe_rows(batch, control_ids[2], newline_id)
+    probe = probe_rows(batch, ids.control[2], ids.newline)
     if probe.any():
         for k, key in enumerate(CONTROL_KEYS):
             add(f"ctrl/p_{key}", ctrl_probs[probe, k].mean().item(), probe.sum().item())
     starts = turn_start_rows(batch)  # [N]
     for k, key in enumerate(CONTROL_KEYS[1:], start=1):
         add(f"ctrl/turn_p_{key}", ctrl_probs[starts, k].mean().item(), starts.sum().item())
-    if end_call_id is not None:
+    if ids.end_call is not None:
         # Right after `</tool_call>` the turn should end: p(<|im_end|>) falls when it does not.
-        after = (batch.input_ids == end_call_id)[batch.target_mask]  # [N]
+        after = (batch.input_ids == ids.end_call)[batch.target_mask]  # [N]
         if after.any():
             add("ctrl/after_call_p_im_end", ctrl_probs[after, 1].mean().item(), after.sum().item())

@@ -1,13 +1,18 @@
 """Config to objects: the policy and its tokenizer, the generation engine, the training device,
-the episode limits and the teacher's habits. Each raises `ConfigError` naming the key when the
-configuration cannot be built here.
+the episode limits, the teacher's habits and the KL reference. Each raises `ConfigError` naming
+the key when the configuration cannot be built here.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_model as load_model_weights
+from safetensors.torch import save_model as save_model_weights
 
 from fastrl.config import Config, ConfigError
 from fastrl.envs import get_world
@@ -16,6 +21,8 @@ from fastrl.models import load_model
 from fastrl.rollout.engines import HFEngine
 from fastrl.rollout.engines.vllm import VLLMEngine, vllm_available
 from fastrl.rollout.loop import Limits
+from fastrl.train.batch import model_device
+from fastrl.train.optim import full_weights
 from fastrl.train.packing import ATTN_IMPLEMENTATION, choose_kernel
 from fastrl.train.packing import register as register_packed_attention
 
@@ -121,3 +128,25 @@ def limits_of(cfg: Config) -> Limits:
 def teacher_habits(cfg: Config) -> Habits:
     t = cfg.env.teacher
     return Habits(stop_early=t.stop_early_rate, skip_lookup=t.skip_lookup_rate, guess=t.guess_rate)
+
+
+def build_reference(model: torch.nn.Module, optimizers, run_dir: str, dist) -> torch.nn.Module:
+    """The KL penalty's reference policy: the policy as RL starts, frozen. It is saved once
+    (`run_dir/reference.safetensors`) so that a resumed run keeps measuring KL against the same
+    weights. Every rank enters (under ZeRO-3 it is a fresh module of the gathered weights)."""
+    with full_weights(optimizers):
+        if optimizers.deepspeed is not None and optimizers.deepspeed.stage == 3:
+            ref = type(model)(model.config).to(model_device(model), next(model.parameters()).dtype)
+            ref.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+        else:
+            ref = copy.deepcopy(model)
+    ref.eval().requires_grad_(False)
+    path = Path(run_dir) / "reference.safetensors"
+    if path.exists():
+        load_model_weights(ref, str(path))
+    elif dist.is_main:
+        tmp = path.with_name(".reference.safetensors.tmp")
+        save_model_weights(ref, str(tmp))
+        os.replace(tmp, path)
+    dist.barrier()
+    return ref

@@ -177,6 +177,22 @@ def save_checkpoint(
     return final
 
 
+def stage_partition(root: str | Path, tag: str, partition: Any, dist: Any) -> dict[str, Path]:
+    """Write this rank's optimizer partition (DeepSpeed) next to checkpoint `tag`, fsynced, and
+    wait for every rank; returns the staged files by name (`save_checkpoint`'s `extra_files`,
+    which rank 0 moves in). Every rank calls it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    parts = {f"optim_rank{r}.pt": root / f".{tag}.optim_rank{r}.pt"
+             for r in range(dist.world_size)}  # fmt: skip
+    staged = parts[f"optim_rank{dist.rank}.pt"]
+    torch.save(partition, staged)
+    with open(staged, "rb+") as f:
+        os.fsync(f.fileno())
+    dist.barrier()
+    return parts
+
+
 def promote_checkpoint(root: str | Path, src: str, dst: str) -> Path:
     """Rename checkpoint `root/src` to `root/dst`, replacing it; `dst` always names a complete
     checkpoint (the old one until the rename, then the new one)."""

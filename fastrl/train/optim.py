@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,17 +168,29 @@ def backward(optimizer, loss: torch.Tensor) -> None:
         loss.backward()
 
 
-def run_passes(dist: Dist, model, optimizer, passes: list) -> bool:
-    """Run the backward passes of one update: each entry of `passes` returns a weighted loss.
+@dataclass(frozen=True)
+class Pass:
+    """One backward pass of an update: `fn(group)` runs the forward of the micro-batch `group` and
+    returns its weighted loss."""
+
+    group: list  # the micro-batch's trajectories (named in an out-of-memory error)
+    fn: Callable[[list], torch.Tensor]
+
+    def __call__(self) -> torch.Tensor:
+        return self.fn(self.group)
+
+
+def run_passes(dist: Dist, model, optimizer, passes: list[Pass]) -> bool:
+    """Run the backward passes of one update: each `Pass` returns a weighted loss.
 
     Under DeepSpeed every rank runs as many passes as the busiest one (gradients are reduced
     during each), padding with zero-weighted passes, and a non-finite loss is not backpropagated
     (a zero pass stands in). Returns whether any rank met a non-finite loss (single process:
     always False; the gradient norm tells, see `clip_and_step`)."""
     if not dist.enabled:
-        for i, fn in enumerate(passes):
-            with reporting_oom(fn, i, len(passes)):
-                loss = fn()
+        for i, one in enumerate(passes):
+            with reporting_oom(one, i, len(passes)):
+                loss = one()
                 with nvtx_range("backward"):
                     backward(optimizer, loss)
         return False
@@ -195,12 +209,12 @@ def run_passes(dist: Dist, model, optimizer, passes: list) -> bool:
 
 
 @contextlib.contextmanager
-def reporting_oom(fn, index: int, total: int):
+def reporting_oom(step: Pass | None, index: int, total: int):
     """Turn an out-of-memory error inside a backward pass into one naming the micro-batch."""
     try:
         yield
     except torch.OutOfMemoryError as e:
-        group = getattr(fn, "group", None) or []
+        group = step.group if step is not None else []
         lengths = [t.num_tokens for t in group]
         raise RuntimeError(
             f"out of memory in micro-batch {index + 1} of {total}: {len(group)} sequences, "
@@ -238,19 +252,21 @@ def clip_and_step(model, optimizer, grad_clip: float, *, skip: bool = False) -> 
     return grad_norm
 
 
-def note_nonfinite(state: dict[str, Any], skipped: int, limit: int, row: dict) -> None:
-    """Count updates skipped for a non-finite loss or gradient; stop after `limit` in a row."""
+def note_nonfinite(in_a_row: int, skipped: int, limit: int, row: dict) -> int:
+    """Count updates skipped for a non-finite loss or gradient; returns the steps in a row that
+    had one (`in_a_row` is the count before this step) and stops after `limit` in a row."""
     row["skipped_updates"] = skipped
-    state["nonfinite_in_a_row"] = state.get("nonfinite_in_a_row", 0) + 1 if skipped else 0
+    in_a_row = in_a_row + 1 if skipped else 0
     if skipped:
         log.warning(
             "step %d: %d update(s) skipped for a non-finite loss or gradient (%d step(s) in a row)",
             row.get("step", 0),
             skipped,
-            state["nonfinite_in_a_row"],
+            in_a_row,
         )
-    if limit and state["nonfinite_in_a_row"] >= limit:
+    if limit and in_a_row >= limit:
         raise RuntimeError(
-            f"{state['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient "
+            f"{in_a_row} steps in a row had a non-finite loss or gradient "
             f"(optim.max_nonfinite_steps={limit}); stopping. The last checkpoint is intact."
         )
+    return in_a_row
