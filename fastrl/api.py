@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -77,18 +76,7 @@ def evaluate(
     first token where it is not the most likely one; None without misses). With no task probed,
     the means are None.
     """
-    from fastrl.envs import get_world
-    from fastrl.envs.base import set_tool_timeout
-    from fastrl.envs.teacher import demonstration
-    from fastrl.eval import evaluate_policy, probe_experts, sampled_successes
-    from fastrl.rollout.engines import ScriptedEngine
-    from fastrl.train.build import (
-        build_engine,
-        build_policy,
-        limits_of,
-        teacher_habits,
-        training_device,
-    )
+    from fastrl.eval import evaluate_split
 
     if policy not in ("model", "oracle", "teacher") and not policy.startswith("replay:"):
         raise ConfigError(
@@ -109,80 +97,10 @@ def evaluate(
     if model is not None:
         cfg.model.name = model
     cfg.validate()
-    set_tool_timeout(cfg.env.tool_timeout_s)
-    world = get_world(cfg.env.name)
-    tasks = world.tasks(split, limit or cfg.env.eval_tasks, seed=cfg.env.seed)
-    limits = limits_of(cfg)
-    net, tokenizer, model_dir = build_policy(cfg)
-    net.to(training_device(cfg.model.device))
-    request_ids = None
-    engine_used = "scripted"
-    if policy == "model":  # rollout.engine decides (vLLM when it imports, by default)
-        engine, engine_used = build_engine(cfg, net, model_dir, tokenizer.pad_token_id)
-        engine.sync_weights()  # the engine generates with exactly the weights loaded here
-    elif policy in ("oracle", "teacher"):
-        habits = teacher_habits(cfg)
-        messages = {
-            t.id: t.expert if policy == "oracle" else demonstration(t, habits, cfg.seed)[0]
-            for t in tasks
-        }
-        engine = ScriptedEngine(
-            tokenizer, {i: [m for turn in turns for m in turn] for i, turns in messages.items()}
-        )
-        request_ids = [t.id for t in tasks]
-    else:
-        engine = ScriptedEngine(tokenizer, replay)
-        request_ids = [t.id for t in tasks]
-    summary, rows = evaluate_policy(
-        engine,
-        tokenizer,
-        world,
-        tasks,
-        limits,
-        batch_size=cfg.rollout.batch_size,
-        request_ids=request_ids,
-    )
-    summary.update(
-        split=split, env=cfg.env.name, policy=policy, model=cfg.model.name, engine=engine_used
-    )
-    if samples:
-        if temperature is None:
-            temperature = cfg.rollout.temperature
-        solved = sampled_successes(
-            engine,
-            tokenizer,
-            world,
-            tasks,
-            limits,
-            samples=samples,
-            temperature=temperature,
-            top_p=cfg.rollout.top_p,
-            batch_size=cfg.rollout.batch_size,
-        )
-        for row, k in zip(rows, solved):
-            row["sampled_successes"] = k
-        n = max(1, len(rows))
-        summary.update(
-            samples=samples,
-            temperature=temperature,
-            top_p=cfg.rollout.top_p,
-            sampled_success=sum(solved) / (n * samples),
-            pass_at_k=sum(k > 0 for k in solved) / n,
-            solved_only_by_samples=sum(k > 0 and not r["success"] for r, k in zip(rows, solved)),
-        )
-    if expert_probe:
-        probed = probe_experts(net, tokenizer, world, tasks, limits)
-        for row, p in zip(rows, probed):
-            row.update(p or {})  # no fields where the expert does not solve the task
-        probed = [p for p in probed if p is not None]
-        misses = sorted(p["expert_first_miss"]["prob"] for p in probed if p["expert_first_miss"])
-        n = len(probed)
-        summary.update(  # None where no task's expert solves it
-            expert_probed=n,
-            expert_nll=-sum(p["expert_logprob"] for p in probed) / n if n else None,
-            expert_greedy=sum(p["expert_greedy"] for p in probed) / n if n else None,
-            expert_first_miss_prob=statistics.median(misses) if misses else None,
-        )
+    summary, rows = evaluate_split(
+        cfg, split, policy, replay=replay, limit=limit, samples=samples,
+        temperature=temperature, expert_probe=expert_probe,
+    )  # fmt: skip
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

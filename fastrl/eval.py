@@ -2,24 +2,35 @@
 probe (how the policy scores each task's expert trajectory under teacher forcing), and the
 trainer's decision probe (p(`<tool_call>`) where the expert decides to call or to answer).
 
-`fastrl.api.evaluate` (`fastrl eval`) builds the policy and engine and calls these; the trainer
-calls `evaluate_policy` for its own test evaluations.
+`evaluate_split` builds the policy and engine a config names and runs these (`fastrl.api.evaluate`,
+`fastrl eval`); the trainer calls `evaluate_policy` for its own test evaluations.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 import torch
 
 from fastrl.algo.supervision import play_experts
-from fastrl.envs.base import Task
-from fastrl.envs.teacher import applicable
+from fastrl.config import Config
+from fastrl.envs import get_world
+from fastrl.envs.base import Task, set_tool_timeout
+from fastrl.envs.teacher import applicable, demonstration
 from fastrl.monitor.control_tokens import decision_positions
+from fastrl.rollout.engines import ScriptedEngine
 from fastrl.rollout.loop import Limits, run_episodes
 from fastrl.rollout.types import Trajectory
 from fastrl.train.batch import collate, micro_batches, model_device, token_stats
+from fastrl.train.build import (
+    build_engine,
+    build_policy,
+    limits_of,
+    teacher_habits,
+    training_device,
+)
 
 
 def play_in_batches(
@@ -253,3 +264,89 @@ def decision_probe(
         if where.any():
             row[f"ctrl/{kind}_p_tool_call"] = p[where].mean().item()
     return row
+
+
+# --------------------------------------------------------------------------- a split, end to end
+def evaluate_split(
+    cfg: Config,
+    split: str,
+    policy: str = "model",
+    *,
+    replay: dict[str, list[str]] | None = None,
+    limit: int | None = None,
+    samples: int = 0,
+    temperature: float | None = None,
+    expert_probe: bool = False,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Build what `cfg` names and evaluate `policy` on `split` (see `fastrl.api.evaluate` for the
+    policies and the summary's fields); returns (summary, one row per task)."""
+    set_tool_timeout(cfg.env.tool_timeout_s)
+    world = get_world(cfg.env.name)
+    tasks = world.tasks(split, limit or cfg.env.eval_tasks, seed=cfg.env.seed)
+    limits = limits_of(cfg)
+    net, tokenizer, model_dir = build_policy(cfg)
+    net.to(training_device(cfg.model.device))
+    request_ids = None
+    engine_used = "scripted"
+    if policy == "model":  # rollout.engine decides (vLLM when it imports, by default)
+        engine, engine_used = build_engine(cfg, net, model_dir, tokenizer.pad_token_id)
+        engine.sync_weights()  # the engine generates with exactly the weights loaded here
+    elif policy in ("oracle", "teacher"):
+        habits = teacher_habits(cfg)
+        messages = {
+            t.id: t.expert if policy == "oracle" else demonstration(t, habits, cfg.seed)[0]
+            for t in tasks
+        }
+        engine = ScriptedEngine(
+            tokenizer, {i: [m for turn in turns for m in turn] for i, turns in messages.items()}
+        )
+        request_ids = [t.id for t in tasks]
+    else:
+        engine = ScriptedEngine(tokenizer, replay)
+        request_ids = [t.id for t in tasks]
+    summary, rows = evaluate_policy(
+        engine, tokenizer, world, tasks, limits,
+        batch_size=cfg.rollout.batch_size, request_ids=request_ids,
+    )  # fmt: skip
+    summary.update(
+        split=split, env=cfg.env.name, policy=policy, model=cfg.model.name, engine=engine_used
+    )
+    if samples:
+        if temperature is None:
+            temperature = cfg.rollout.temperature
+        solved = sampled_successes(
+            engine,
+            tokenizer,
+            world,
+            tasks,
+            limits,
+            samples=samples,
+            temperature=temperature,
+            top_p=cfg.rollout.top_p,
+            batch_size=cfg.rollout.batch_size,
+        )
+        for row, k in zip(rows, solved):
+            row["sampled_successes"] = k
+        n = max(1, len(rows))
+        summary.update(
+            samples=samples,
+            temperature=temperature,
+            top_p=cfg.rollout.top_p,
+            sampled_success=sum(solved) / (n * samples),
+            pass_at_k=sum(k > 0 for k in solved) / n,
+            solved_only_by_samples=sum(k > 0 and not r["success"] for r, k in zip(rows, solved)),
+        )
+    if expert_probe:
+        probed = probe_experts(net, tokenizer, world, tasks, limits)
+        for row, p in zip(rows, probed):
+            row.update(p or {})  # no fields where the expert does not solve the task
+        probed = [p for p in probed if p is not None]
+        misses = sorted(p["expert_first_miss"]["prob"] for p in probed if p["expert_first_miss"])
+        n = len(probed)
+        summary.update(  # None where no task's expert solves it
+            expert_probed=n,
+            expert_nll=-sum(p["expert_logprob"] for p in probed) / n if n else None,
+            expert_greedy=sum(p["expert_greedy"] for p in probed) / n if n else None,
+            expert_first_miss_prob=statistics.median(misses) if misses else None,
+        )
+    return summary, rows

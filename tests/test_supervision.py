@@ -1,4 +1,4 @@
-"""Supervision modes (OPS, HBG, ETS, PRS, mixed SFT), the phase plan and the collapse guard:
+"""Supervision modes (OPS, HBG, mixed SFT, interleaved ETS/PRS runs) and group sampling:
 what each trains on (members, prompts, masks, phases), not only that it runs."""
 
 import copy
@@ -8,22 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from fastrl.algo import losses as L
 from fastrl.algo import supervision as S
 from fastrl.algo.advantages import group_advantages
 from fastrl.algo.losses import get_policy_loss
-from fastrl.algo.schedule import build_plan
 from fastrl.cli import main
-from fastrl.config import ConfigError, load_config
-from fastrl.envs.base import Task
-from fastrl.monitor.guard import Guard
+from fastrl.config import load_config
 from fastrl.rollout.engines import ScriptedEngine
 from fastrl.rollout.loop import Limits
 from fastrl.train import batch as B
 from fastrl.train import optim as O
-from fastrl.train import trainer as T
 from fastrl.train import update as U
 
 LIMITS = Limits(max_total_tokens=4096)
@@ -57,8 +52,8 @@ def test_group_members_hinted_while_sampling_and_experts_played(tiny_policy, wor
     )
     tasks = world.tasks("train", 10)
     engine = Recording(tok)
-    kept, played, _ = T.sample_groups(
-        cfg, engine, tok, world, T.task_stream(tasks, 0, 0), LIMITS, step=0
+    kept, played, _ = S.sample_groups(
+        cfg, engine, tok, world, S.task_stream(tasks, 0, 0), LIMITS, step=0
     )
     assert len(played) == 10 and kept == played
     by_group: dict[int, list] = {}
@@ -189,127 +184,7 @@ def test_mixed_sft_alone_when_no_group_carries_a_signal(tiny_policy, world):
         torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=2e-6)
 
 
-# --------------------------------------------------------------------------- ETS and PRS
-def _failed(trajs):
-    for t in trajs:
-        t.success, t.source = False, "policy"
-    return trajs
-
-
-def test_failure_log_windows_and_state(tiny_policy, world):
-    _, tok, _ = tiny_policy
-    tasks = world.tasks("train", 4)
-    trajs = S.play_experts(tok, world, tasks, LIMITS, solved_only=True)
-    log = S.FailureLog()
-    log.record(1, _failed(trajs[:2]))
-    log.record(3, _failed(trajs[2:3]))
-    trajs[3].source = "expert"
-    trajs[3].success = False
-    log.record(3, [trajs[3]])  # expert members never count as failures
-    assert log.tasks_since(1) == [tasks[0].id, tasks[1].id, tasks[2].id]
-    assert log.tasks_since(2) == [tasks[2].id]
-    again = S.FailureLog()
-    again.load_state_dict(json.loads(json.dumps(log.state_dict())))
-    assert again.tasks_since(1) == log.tasks_since(1)
-    again.forget_before(2)
-    assert list(again.examples) == [tasks[2].id]
-
-
-def test_corrective_data_is_experts_of_failed_tasks_plus_reflections(tiny_policy, world):
-    _, tok, _ = tiny_policy
-    tasks = world.tasks("train", 6)
-    engine = Recording(tok)  # fails every task
-    from fastrl.rollout.loop import run_episodes
-
-    failed = run_episodes(engine, tok, tasks[:3], world.make_env, limits=LIMITS)
-    log = S.FailureLog()
-    log.record(5, failed)
-    by_id = {t.id: t for t in tasks}
-    data, n = S.corrective_data(tok, world, by_id, log, since_step=5, limits=LIMITS)
-    assert n == 3 and sorted(t.task_id for t in data) == sorted(t.id for t in tasks[:3])
-    assert all(t.source == "expert" and t.success for t in data)
-    data, n = S.corrective_data(
-        tok, world, by_id, log, since_step=5, limits=LIMITS, reflector=S.RuleReflector()
-    )
-    reflections = [t for t in data if t.source == "reflection"]
-    assert n == 3 and len(reflections) == 3
-    for r in reflections:
-        task = by_id[r.task_id]
-        prompt = tok.decode(r.prompt_ids)
-        assert "I do not know." in prompt and task.expert[0][0] in prompt
-        critique = tok.decode([i for i, m in zip(r.response_ids, r.loss_mask) if m])
-        assert critique.startswith("Step 1: error: answered before calling")
-        assert "First error: step 1" in critique and critique.endswith("<|im_end|>")
-        assert all(r.loss_mask) and r.response_ids[-1] == tok.eos_token_id
-    assert S.corrective_data(tok, world, by_id, log, since_step=6, limits=LIMITS)[1] == 0
-
-
-def _task(world, n_calls: int) -> Task:
-    return next(
-        t for t in world.tasks("train", 200) if S.expert_calls(t) == n_calls and len(t.expert) == 1
-    )
-
-
-def test_rule_reflector_names_the_first_error_and_where_the_value_was(world):
-    task = _task(world, 2)
-    first, second, answer = task.expert[0]
-    env = world.make_env()
-    messages = env.reset(task)
-    messages.append({"role": "assistant", "content": first})
-    from fastrl.envs.formats import get_format
-
-    obs, _ = env.step(first, get_format(task.fmt).parse(first))
-    messages += obs
-    call = get_format(task.fmt).parse(second).calls[0]
-    key, value = next(iter(call.arguments.items()))
-    wrong = second.replace(json.dumps(value), json.dumps("X" + str(value)))
-    messages.append({"role": "assistant", "content": wrong})
-    text = S.RuleReflector().reflect(task, messages, {"first_failing_turn": 0})
-    lines = text.splitlines()
-    assert lines[0].startswith("Step 1: correct")
-    assert lines[1].startswith(f"Step 2: error: {call.name} argument {key} is")
-    assert json.dumps(value) in lines[1]
-    assert lines[2].startswith("First error: step 2")
-    assert lines[-1].startswith("Lesson: When a call needs a value")
-    if str(value) in obs[0]["content"]:
-        assert "in an earlier tool result" in lines[1]
-    malformed = [
-        *messages[:2],
-        {"role": "assistant", "content": "<tool_call>\n{oops\n</tool_call>"},
-    ]
-    assert "malformed" in S.RuleReflector().reflect(task, malformed, {}).splitlines()[0]
-
-
-def test_model_reflector_runs_a_local_judge(tiny_policy, world):
-    _, _, path = tiny_policy
-    task = _task(world, 1)
-    messages = world.make_env().reset(task) + [{"role": "assistant", "content": "No idea."}]
-    text = S.get_reflector(str(path), max_new_tokens=8).reflect(task, messages, {})
-    assert isinstance(text, str)
-    with pytest.raises(OSError):
-        S.get_reflector("/nonexistent/judge")
-
-
 # --------------------------------------------------------------------------- plan and runs
-def test_phase_plans():
-    sync = build_plan(load_config(None, ["sft.steps=5", "rl.steps=7"]))
-    assert [(p.kind, p.name, p.steps) for p in sync] == [("warmup", "warmup", 5), ("rl", "rl1", 7)]
-    cfg = load_config(
-        None,
-        ["schedule.scheme=interleaved", "schedule.rl_phases=[2,3,4]",
-         "supervision.prs.enabled=true", "supervision.ets.window=6"],
-    )  # fmt: skip
-    assert cfg.rl.steps == 9
-    assert [(p.kind, p.name, p.steps) for p in build_plan(cfg)] == [
-        ("warmup", "warmup", cfg.sft.steps), ("rl", "rl1", 2), ("corrective", "prs1", 6),
-        ("rl", "rl2", 3), ("corrective", "prs2", 6), ("rl", "rl3", 4),
-    ]  # fmt: skip
-    with pytest.raises(ConfigError, match="rl.steps"):
-        load_config(
-            None,
-            ["schedule.scheme=interleaved", "schedule.rl_phases=[2]", "rl.steps=3",
-             "supervision.ets.enabled=true"],
-        )  # fmt: skip
 
 
 SMOKE = ["train", "--config", "configs/smoke.yaml", "eval.splits=[test]"]
@@ -355,78 +230,6 @@ def test_synchronous_run_with_ops_hbg_and_mixed_sft(tmp_path):
     assert rl[0]["sft/mixed_loss"] > 0 and "sft/mixed_loss" not in rl[1]  # mu 0: no SFT term
 
 
-# --------------------------------------------------------------------------- guard
-def test_guard_confirms_snapshots_a_step_late_and_rolls_back():
-    cfg = load_config(None, ["guard.enabled=true", "guard.snapshot_every=2", "guard.max_actions=1"])
-    g = Guard(cfg.guard)
-    g.candidate_step = 0  # the weights RL starts from
-    healthy, alarm = {"ctrl/alarm": 0.0}, {"ctrl/alarm": 1.0}
-    d = g.observe(1, dict(healthy))
-    assert d.promote and g.snapshot_step == 0 and not d.save_candidate
-    d = g.observe(2, dict(healthy))
-    assert d.save_candidate and g.candidate_step == 2
-    row = dict(alarm)
-    d = g.observe(3, row)
-    assert d.discard and d.rollback and d.action == "sft" and g.snapshot_step == 0
-    assert row["guard/action"] == "rollback+sft" and row["guard/actions"] == 1
-    d = g.observe(4, {"state/collapse": 0.9})
-    assert not d.rollback  # no actions left
-    polluted = Guard(load_config(None, ["guard.pollution_threshold=0.5"]).guard)
-    assert polluted.unhealthy_reason({"state/pollution": 0.6}) == "state/pollution 0.60 > 0.5"
-    assert not polluted.unhealthy_reason({"state/pollution": 0.4, "state/collapse": 0.2})
-    lower = Guard(load_config(None, ["guard.action=lower_lr", "guard.lr_factor=0.25"]).guard)
-    lower.snapshot_step = 0
-    lower.observe(1, dict(alarm))
-    assert lower.lr_scale == 0.25
-
-
-@pytest.mark.parametrize("action", ["sft", "lower_lr"])
-def test_guard_rolls_back_to_the_healthy_snapshot(tmp_path, monkeypatch, action):
-    """A collapse cannot be provoked on cue in a smoke run, so the third RL step (step 6 after 3
-    SFT steps) is declared unhealthy; everything the guard then does is real. The snapshot is the
-    weights after step 4, the last ones a healthy step (5) confirmed; after the rollback the model
-    holds them, and the corrective phase or the lower rate follows."""
-    run = tmp_path / "run"
-    seen = []
-    real = T.act_on
-
-    def checked(r, guard, decision):
-        real(r, guard, decision)
-        if decision.rollback and action == "lower_lr":
-            snap = load_file(run / "checkpoints" / "healthy" / "model.safetensors")
-            params = dict(r.model.named_parameters())
-            seen.append(all(torch.equal(params[k], v) for k, v in snap.items() if k in params))
-            seen.append(json.loads(
-                (run / "checkpoints" / "healthy" / "trainer_state.json").read_text()
-            )["step"])  # fmt: skip
-
-    monkeypatch.setattr(T, "act_on", checked)
-    monkeypatch.setattr(
-        Guard, "unhealthy_reason", lambda self, row: "test" if row["step"] == 6 else ""
-    )
-    args = [
-        *SMOKE, f"run_dir={run}", "rl.steps=4", "guard.enabled=true", f"guard.action={action}",
-        "guard.snapshot_every=1", "supervision.ets.window=4", "supervision.ets.epochs=1",
-    ]  # fmt: skip
-    assert main(args) == 0
-    rows = _rows(run)
-    acted = [r for r in rows if "guard/action" in r]
-    assert len(acted) == 1 and acted[0]["step"] == 6
-    assert acted[0]["guard/action"] == f"rollback+{action}" and acted[0]["guard/snapshot_step"] == 4
-    assert not (run / "checkpoints" / "healthy_candidate").exists() or rows[-1]["step"] > 6
-    after = rows[rows.index(acted[0]) + 1 :]
-    if action == "sft":
-        guard_sft = [r for r in after if r["phase/name"] == "guard_sft"]
-        assert guard_sft and after[: len(guard_sft)] == guard_sft
-        assert all(r["phase"] == "sft" and r["sft/failed_tasks"] >= 1 for r in guard_sft)
-    else:
-        assert seen == [True, 4]
-        rl_after = [r for r in after if r["phase"] == "rl"]
-        assert rl_after and all(r["guard/lr_scale"] == 0.5 for r in rl_after)
-        assert rl_after[0]["lr"] == pytest.approx(acted[0]["lr"] * 0.5)
-    assert sum(r["phase"] == "rl" for r in rows) == 4
-
-
 def test_sft_demonstrates_only_short_tasks_when_asked(world):
     tasks = world.tasks("train", 200)
     counts = [S.expert_calls(t) for t in tasks]
@@ -437,3 +240,69 @@ def test_sft_demonstrates_only_short_tasks_when_asked(world):
     )
     assert short and all(S.expert_calls(t) <= 2 for t in short)
     assert len(short) == sum(c <= 2 for c in counts)
+
+
+# --------------------------------------------------------------------------- group sampling
+class HalfRight(ScriptedEngine):
+    """Sends the expert's messages for episodes of odd-numbered tasks every other episode, and
+    nothing useful otherwise: even tasks' groups all fail (no variance), odd tasks' groups mix."""
+
+    def __init__(self, tokenizer, tasks):
+        super().__init__(tokenizer, {})
+        self.expert = {t.id: [m for turn in t.expert for m in turn] for t in tasks}
+        self.seen = 0
+
+    def generate(self, prompts, sampling, request_ids=None):
+        for rid in request_ids:
+            if rid not in self.scripts:
+                task_id = rid.split("#")[0]
+                odd = int(task_id.rsplit("/", 1)[1]) % 2 == 1
+                self.seen += 1
+                good = odd and self.seen % 2 == 0
+                self.scripts[rid] = self.expert[task_id] if good else ["I do not know."]
+        return super().generate(prompts, sampling, request_ids)
+
+
+@pytest.mark.parametrize("mode, expected_groups", [("off", 4), ("drop", 2), ("refill", 4)])
+def test_dynamic_sampling(tiny_policy, world, mode, expected_groups):
+    _, tok, _ = tiny_policy
+    cfg = load_config(
+        None,
+        [
+            f"rl.dynamic_sampling={mode}",
+            "rl.prompts_per_step=4",
+            "rl.group_size=4",
+            "rl.max_refill_rounds=3",
+        ],
+    )
+    tasks = world.tasks("train", 40)
+    stream = S.task_stream(tasks, seed=0, start=0)
+    kept, sampled, position = S.sample_groups(
+        cfg, HalfRight(tok, tasks), tok, world, stream, Limits(max_total_tokens=4096), step=0
+    )
+    groups = {t.group_id for t in kept}
+    assert len(groups) >= expected_groups and len(kept) == 4 * len(groups)
+    if mode != "off":
+        for g in groups:  # every kept group has reward variance
+            assert len({t.reward for t in kept if t.group_id == g}) == 2
+    assert position == len(sampled) // 4
+
+
+def test_format_reward_adds_the_healthy_fraction(tiny_policy, world):
+    """rl.format_reward: the task reward plus w x the share of healthy assistant messages; success
+    is untouched. HalfRight's good episodes are the expert's (all healthy), the others one text."""
+    _, tok, _ = tiny_policy
+    tasks = world.tasks("train", 40)
+    rewards = {}
+    for w in (0.0, 0.5):
+        cfg = load_config(
+            None, [f"rl.format_reward={w}", "rl.prompts_per_step=4", "rl.group_size=4"]
+        )
+        stream = S.task_stream(tasks, seed=0, start=0)
+        _, sampled, _ = S.sample_groups(
+            cfg, HalfRight(tok, tasks), tok, world, stream, Limits(max_total_tokens=4096), step=0
+        )
+        rewards[w] = [(t.reward, t.success, t.info["states"]) for t in sampled]
+    for (r0, s0, states), (r1, s1, _) in zip(rewards[0.0], rewards[0.5]):
+        healthy = sum(s in ("healthy_call", "healthy_text") for s in states) / len(states)
+        assert s0 == s1 and r1 == pytest.approx(r0 + 0.5 * healthy)

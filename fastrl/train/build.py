@@ -1,5 +1,6 @@
-"""Config to objects: the policy and its tokenizer, the generation engine, the training device,
-the episode limits, the teacher's habits and the KL reference. Each raises `ConfigError` naming
+"""Config to objects: a process's start, the policy and its tokenizer, the generation engine, the
+training device, the tasks, the logger, the episode limits, the teacher's habits and the KL
+reference. Each raises `ConfigError` naming
 the key when the configuration cannot be built here.
 """
 
@@ -8,20 +9,27 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_model as load_model_weights
 from safetensors.torch import save_model as save_model_weights
 
-from fastrl.config import Config, ConfigError
+from fastrl.algo.schedule import Phase
+from fastrl.config import Config, ConfigError, save_config
 from fastrl.envs import get_world
+from fastrl.envs.base import Task, set_tool_timeout
 from fastrl.envs.teacher import Habits
-from fastrl.models import load_model
+from fastrl.models import apply_liger, load_model
+from fastrl.monitor.log import MetricLogger, NullLogger
 from fastrl.rollout.engines import HFEngine
 from fastrl.rollout.engines.vllm import VLLMEngine, vllm_available
 from fastrl.rollout.loop import Limits
 from fastrl.train.batch import model_device
+from fastrl.train.distributed import Dist, launched_world_size
+from fastrl.train.distributed import setup as setup_distributed
 from fastrl.train.optim import full_weights
 from fastrl.train.packing import ATTN_IMPLEMENTATION, choose_kernel
 from fastrl.train.packing import register as register_packed_attention
@@ -150,3 +158,69 @@ def build_reference(model: torch.nn.Module, optimizers, run_dir: str, dist) -> t
         os.replace(tmp, path)
     dist.barrier()
     return ref
+
+
+def start_process(cfg: Config) -> Dist:
+    """This process's part of a run's start: the resolved config written to the run directory
+    (by one process), threads, the process group under torchrun, the seeds and the tool
+    timeout. Sampling differs per rank; the data order (task streams) is the same on every rank.
+    """
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if launched_world_size() <= 1 or os.environ.get("RANK", "0") == "0":
+        save_config(cfg, run_dir / "config.yaml")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dist = setup_distributed(cfg.distributed.backend)
+    if dist.enabled:
+        for key, n in (("rl.prompts_per_step", cfg.rl.prompts_per_step),
+                       ("sft.batch_size", cfg.sft.batch_size)):  # fmt: skip
+            if n % dist.world_size:
+                raise ConfigError(f"{key}: {n} must be a multiple of the {dist.world_size} ranks")
+    random.seed(cfg.seed + dist.rank)
+    np.random.seed(cfg.seed + dist.rank)
+    torch.manual_seed(cfg.seed + dist.rank)
+    set_tool_timeout(cfg.env.tool_timeout_s)
+    return dist
+
+
+def build_trainee(cfg: Config, dist: Dist):
+    """The policy to train, on its training device and in train mode (Liger's kernels patched in
+    when asked), its tokenizer and model directory. Rank 0 builds and caches a preset first."""
+    if dist.enabled and not dist.is_main:
+        dist.barrier()
+    model, tokenizer, model_dir = build_policy(cfg)
+    if dist.enabled and dist.is_main:
+        dist.barrier()
+    device = training_device(cfg.model.device)
+    model.to(device)
+    log.info("training device: %s (model.device=%s)", device, cfg.model.device)
+    if cfg.model.liger:
+        try:
+            apply_liger(model)
+        except (ImportError, ValueError) as e:
+            raise ConfigError(str(e)) from e
+    model.train()
+    log.info("training forward: %s", describe_forward(cfg, model))
+    return model, tokenizer, model_dir
+
+
+def task_sets(cfg: Config, world) -> tuple[list[Task], dict[str, list[Task]]]:
+    """The train tasks and the evaluation splits (`test` first, then `eval.splits`)."""
+    train_tasks = world.tasks("train", cfg.env.train_tasks, seed=cfg.env.seed)
+    eval_sets = {
+        split: world.tasks(split, cfg.env.eval_tasks, seed=cfg.env.seed)
+        for split in dict.fromkeys(["test", *cfg.eval.splits])
+    }
+    return train_tasks, eval_sets
+
+
+def build_logger(cfg: Config, plan: list[Phase], dist: Dist, resume_step: int | None):
+    """The metric logger (rank 0; the others log nothing), its progress bar over the plan's
+    steps (corrective phases are as long as their data, known only when they start)."""
+    if not dist.is_main:
+        return NullLogger()
+    total = sum(p.steps for p in plan if p.kind != "corrective") or None
+    return MetricLogger(cfg.run_dir, tensorboard=cfg.tensorboard,
+                        progress_total=total if cfg.progress else None,
+                        resume_step=resume_step)  # fmt: skip

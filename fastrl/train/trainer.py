@@ -30,11 +30,8 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import random
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,32 +39,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastrl.algo.advantages import zero_variance_groups
+from fastrl.algo.corrective import FailureLog, corrective_data, get_reflector
 from fastrl.algo.losses import mixed_sft_weight
 from fastrl.algo.schedule import Phase, build_plan, describe
 from fastrl.algo.supervision import (
-    FailureLog,
-    corrective_data,
     demonstrated,
-    get_reflector,
-    group_sources,
-    hint_suffixes,
+    draw,
     play_experts,
     play_teacher,
+    sample_groups,
+    task_stream,
 )
-from fastrl.config import Config, ConfigError, save_config
+from fastrl.config import Config
 from fastrl.envs import get_world
-from fastrl.envs.base import Task, set_tool_timeout
+from fastrl.envs.base import Task
 from fastrl.eval import decision_probe, decision_probe_set, evaluate_policy
-from fastrl.models import apply_liger
 from fastrl.monitor.control_tokens import SpikeAlarm
 from fastrl.monitor.guard import SNAPSHOT_CANDIDATE, SNAPSHOT_TAG, Decision, Guard
-from fastrl.monitor.log import MetricLogger, NullLogger, nvtx_range
+from fastrl.monitor.log import MetricLogger, nvtx_range
 from fastrl.monitor.metrics import probe_ids, rollout_metrics
-from fastrl.monitor.states import healthy_fraction
 from fastrl.rollout.engines import HFEngine
-from fastrl.rollout.loop import Limits, run_episodes
-from fastrl.rollout.types import Trajectory
+from fastrl.rollout.loop import Limits
 from fastrl.train import build
 from fastrl.train.checkpoint import (
     load_checkpoint,
@@ -78,8 +70,7 @@ from fastrl.train.checkpoint import (
     set_rng_state_of_rank,
     stage_partition,
 )
-from fastrl.train.distributed import Dist, launched_world_size
-from fastrl.train.distributed import setup as setup_distributed
+from fastrl.train.distributed import Dist
 from fastrl.train.optim import Optimizers, full_weights, lr_factor, note_nonfinite
 from fastrl.train.update import (
     StepSpec,
@@ -184,69 +175,18 @@ class Run:
         return contextlib.nullcontext()
 
 
-def task_stream(tasks: list[Task], seed: int, start: int) -> Iterator[tuple[int, Task]]:
-    """Endless shuffled passes over `tasks`; yields (position, task) from position `start`."""
-    n = len(tasks)
-    pos = start
-    while True:
-        epoch, index = divmod(pos, n)
-        order = np.random.default_rng(seed + epoch).permutation(n)
-        yield pos, tasks[int(order[index])]
-        pos += 1
-
-
-def draw(stream: Iterator[tuple[int, Task]], n: int) -> tuple[list[Task], int]:
-    """The next `n` tasks of `stream` and the position after them."""
-    pairs = [next(stream) for _ in range(n)]
-    return [task for _, task in pairs], pairs[-1][0] + 1
-
-
 # --------------------------------------------------------------------------- set-up
 def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     t_start = time.time()
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if launched_world_size() <= 1 or os.environ.get("RANK", "0") == "0":
-        save_config(cfg, run_dir / "config.yaml")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dist = setup_distributed(cfg.distributed.backend)
-    if dist.enabled:
-        for key, n in (("rl.prompts_per_step", cfg.rl.prompts_per_step),
-                       ("sft.batch_size", cfg.sft.batch_size)):  # fmt: skip
-            if n % dist.world_size:
-                raise ConfigError(f"{key}: {n} must be a multiple of the {dist.world_size} ranks")
-    # Sampling differs per rank; the data order (task streams) is the same on every rank.
-    random.seed(cfg.seed + dist.rank)
-    np.random.seed(cfg.seed + dist.rank)
-    torch.manual_seed(cfg.seed + dist.rank)
-
-    set_tool_timeout(cfg.env.tool_timeout_s)
+    dist = build.start_process(cfg)
     world = get_world(cfg.env.name)
-    if dist.enabled and not dist.is_main:
-        dist.barrier()  # rank 0 builds and caches a preset first
-    model, tokenizer, model_dir = build.build_policy(cfg)
-    if dist.enabled and dist.is_main:
-        dist.barrier()
-    device = build.training_device(cfg.model.device)
-    model.to(device)
-    log.info("training device: %s (model.device=%s)", device, cfg.model.device)
-    if cfg.model.liger:
-        try:
-            apply_liger(model)
-        except (ImportError, ValueError) as e:
-            raise ConfigError(str(e)) from e
-    model.train()
-    log.info("training forward: %s", build.describe_forward(cfg, model))
+    model, tokenizer, model_dir = build.build_trainee(cfg, dist)
     plan = build_plan(cfg)
     log.info("phase plan: %s", describe(plan) or "nothing to train")
     limits = build.limits_of(cfg)
     engine, engine_used = build.build_engine(cfg, model, model_dir, tokenizer.pad_token_id)
-    train_tasks = world.tasks("train", cfg.env.train_tasks, seed=cfg.env.seed)
-    eval_sets = {
-        split: world.tasks(split, cfg.env.eval_tasks, seed=cfg.env.seed)
-        for split in dict.fromkeys(["test", *cfg.eval.splits])
-    }
+    train_tasks, eval_sets = build.task_sets(cfg, world)
 
     state, saved_optimizers, ckpt = RunState(), None, None
     found = resume_checkpoint(run_dir, model) if resume else None
@@ -255,12 +195,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         state = RunState.from_dict(saved)
         where = plan[state.plan_index].name if state.plan_index < len(plan) else "the end"
         log.info("resumed from %s (%s, step %d)", ckpt, where, state.step)
-    # Corrective phases are as long as their data, known only when they start.
-    progress_total = sum(p.steps for p in plan if p.kind != "corrective") or None
-    logger = (MetricLogger(run_dir, tensorboard=cfg.tensorboard,
-                           progress_total=progress_total if cfg.progress else None,
-                           resume_step=state.step if ckpt is not None else None)
-              if dist.is_main else NullLogger())  # fmt: skip
+    logger = build.build_logger(cfg, plan, dist, state.step if ckpt is not None else None)
     if ckpt is not None and dist.enabled:
         set_rng_state_of_rank(ckpt, dist.rank)
     optimizers = Optimizers(model, cfg, saved_optimizers, dist, ckpt)
@@ -393,66 +328,6 @@ def corrective_phase(run: Run, name: str, since: int) -> None:
         log_sft_row(run, name, stats)
     run.optimizers.drop("sft")
     run.engine.sync_weights()
-
-
-# --------------------------------------------------------------------------- rollout
-def sample_groups(
-    cfg, engine, tokenizer, world, stream, limits, step: int, dist: Dist | None = None
-) -> tuple[list[Trajectory], list[Trajectory], int]:
-    """Play one group per task (sampled, hinted and expert members) and apply dynamic sampling.
-
-    Every rank draws the same tasks and plays its share of them (whole groups); `step` (the
-    metric row being written) numbers the groups. Returns (kept, played, position): the
-    trajectories to train on, every trajectory played, and the stream's position after the draw.
-    """
-    dist = dist or Dist()
-    sup = cfg.supervision
-    sources = group_sources(cfg.rl.group_size, sup.ops.k, sup.hbg.k)
-    sampled_sources = [s for s in sources if s != "expert"]
-    kept: list[Trajectory] = []
-    played: list[Trajectory] = []
-    n_groups, position = 0, None
-    rounds = 1 + (cfg.rl.max_refill_rounds if cfg.rl.dynamic_sampling == "refill" else 0)
-    for _ in range(rounds):
-        drawn = cfg.rl.prompts_per_step - n_groups
-        if drawn <= 0:
-            break
-        tasks, position = draw(stream, drawn)
-        group_base = step * 10_000 + len(played)
-        tasks = tasks[dist.rank :: dist.world_size]
-        need = len(tasks)
-        episodes = [t for t in tasks for _ in sampled_sources]
-        episode_sources = sampled_sources * need
-        trajs = run_episodes(
-            engine, tokenizer, episodes, world.make_env, limits=limits,
-            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-            group_ids=[group_base + i for i in range(need) for _ in sampled_sources],
-            system_suffix=hint_suffixes(episodes, episode_sources) if sup.hbg.k else None,
-            # Ids from the position in the run, not a process counter: a resumed run's engine
-            # seeds (vLLM derives them from the id) are the uninterrupted run's.
-            request_ids=[f"{t.id}#{group_base}.{j}" for j, t in enumerate(episodes)],
-        )  # fmt: skip
-        for t, source in zip(trajs, episode_sources):
-            t.source = source
-        if sup.ops.k:
-            trajs += play_experts(
-                tokenizer, world, [t for t in tasks for _ in range(sup.ops.k)], limits,
-                group_ids=[group_base + i for i in range(need) for _ in range(sup.ops.k)],
-            )  # fmt: skip
-        if cfg.rl.format_reward:  # before dynamic sampling, which looks at reward variance
-            for t in trajs:
-                t.reward += cfg.rl.format_reward * healthy_fraction(t.info.get("states", []))
-        played += trajs
-        if cfg.rl.dynamic_sampling == "off":
-            kept, n_groups = trajs, drawn
-            break
-        rewards = torch.tensor([t.reward for t in trajs])
-        flat = zero_variance_groups(rewards, torch.tensor([t.group_id for t in trajs]))
-        good = [t for t, f in zip(trajs, flat.tolist()) if not f]
-        kept += good
-        (found,) = dist.all_sum([len({t.group_id for t in good})])
-        n_groups += int(found)
-    return kept, played, position
 
 
 # --------------------------------------------------------------------------- RL phase
