@@ -154,6 +154,11 @@ def test_write_report(run_dir):
     assert f"<td>{ALARM_STEP}</td><td>3</td>" in page  # global step, RL step
     assert f"<td>{GUARD_STEP}</td><td>4</td><td>rollback+sft</td>" in page
     assert "<pre>run_dir: runs/x\nnote: &quot;a &lt;b&gt; &amp; c&quot;\n</pre>" in page
+    # the NaN success (RL step 2) and the "nan" kl (RL step 3) are gaps, not points
+    plans = _plans(read_metrics(run_dir))
+    assert 2 not in plans["rl_success.png"].panels[0].series[0].xs
+    kl = next(p for p in plans["rl_optimization.png"].panels if p.title == "kl")
+    assert kl.series[0].xs == [1, 2, 4, 5, 6, 7, 8, 9, 10]
     # the decision probe's first and last values (RL steps 1 and 10)
     assert "<td>ctrl/habit_p_tool_call</td><td>1</td><td>0.5</td><td>10</td><td>0.94</td>" in page
 

@@ -8,9 +8,11 @@ file).
 
 A run is a long SFT warm-up and a short RL phase (800 and 45 steps in the demo), so the two get
 their own x axes instead of sharing the global step: the *RL axis* counts the RL rows from 1 (RL
-step k is the k-th row with `phase: rl`), the *SFT axis* counts the SFT rows from 1. Corrective
+step k is the k-th row with `phase: rl`; a row without a phase is RL when it has a reward or a
+success), the *SFT axis* counts the warm-up rows (the SFT rows before the first RL row) from 1.
 SFT phases that run between RL steps (interleaved `ets1`, `prs1`..., the guard's `guard_sft`) are
-shaded on the RL axis where they ran. On the RL axis:
+corrective: shaded on the RL axis between the RL steps they ran between, and drawn on an axis of
+their own. Each axis label says how its steps map to global steps. On the RL axis:
 
 - `rl_success.png`: `success/mean`, `reward/mean` only where it differs from success,
   `eval/test_success` as points, and the summary's test success before RL (`sft_success`, at RL
@@ -29,7 +31,8 @@ shaded on the RL axis where they ran. On the RL axis:
 - `rl_states.png`: the `state/*` fractions, stacked.
 
 Every RL plot marks alarm steps (`ctrl/alarm`, red) and guard actions (`guard/action`, black
-dashed). On the SFT axis, `sft.png` draws `loss`, `grad_norm` and `lr`, one colour per SFT phase.
+dashed). `sft.png` draws the warm-up's `loss`, `grad_norm` and `lr` on the SFT axis;
+`sft_corrective.png` the same for the corrective phases, counted from 1, one colour per run.
 
 What is drawn is decided apart from the drawing: `plan_report` turns the rows into `Plot` specs
 (panels of series, shaded bands, marks, notes on what was left out and why), `draw` renders one
@@ -194,7 +197,7 @@ class Point:
 
 
 @dataclass
-class Run:
+class CorrectiveRun:
     """Consecutive corrective SFT rows of one phase, run after RL step `after`."""
 
     after: int
@@ -211,7 +214,7 @@ class Timeline:
     rl: list[Point]
     warmup: list[Point]
     corrective: list[Point]
-    runs: list[Run]
+    runs: list[CorrectiveRun]
 
     def alarms(self) -> list[Point]:
         """The RL rows that raised `ctrl/alarm`."""
@@ -238,7 +241,7 @@ def timeline(rows: Rows) -> Timeline:
             if run and run.after == len(tl.rl) and run.name == name:
                 run.points.append(point)
             else:
-                tl.runs.append(Run(len(tl.rl), name, [point]))
+                tl.runs.append(CorrectiveRun(len(tl.rl), name, [point]))
     return tl
 
 
@@ -482,12 +485,13 @@ def _sft_plots(tl: Timeline) -> list[Plot]:
     corrective SFT phases that ran between RL steps (`sft_corrective.png`, one colour per run)."""
     plots = []
     if tl.warmup:
-        names = list(dict.fromkeys(_text(p.row.get("phase/name")) or "sft" for p in tl.warmup))
+        by_name: dict[str, list[Point]] = {}
+        for p in tl.warmup:
+            by_name.setdefault(_text(p.row.get("phase/name")) or "sft", []).append(p)
         panels = [
-            Panel(key, key, [_series([p for p in tl.warmup if (_text(p.row.get("phase/name"))
-                                      or "sft") == name], key, name) for name in names])
+            Panel(key, key, [_series(points, key, name) for name, points in by_name.items()])
             for key in SFT_OPTIM
-        ]  # fmt: skip
+        ]
         xlim = (0.5, len(tl.warmup) + 0.5)
         xlabel = _axis_label(tl.warmup, "SFT")
         plots.append(Plot("sft.png", "SFT warm-up", "sft", xlabel, xlim, _panels(panels)))
