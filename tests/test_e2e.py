@@ -1,5 +1,6 @@
 """End-to-end runs of configs/smoke.yaml: train, eval CLI, resume after a crash."""
 
+import base64
 import json
 import statistics
 import subprocess
@@ -96,10 +97,12 @@ def test_report_draws_a_real_run(smoke_run, capsys):
     assert main(["report", str(smoke_run)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     html = (smoke_run / "report.html").read_text()
-    assert len(out["plots"]) == 5 and not out["skipped"]
+    # a synchronous run: no corrective SFT phase between RL steps
+    assert len(out["plots"]) == 6 and out["skipped"] == ["sft_corrective.png"]
     for plot in out["plots"]:
-        assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-        assert f"report/{plot.rsplit('/', 1)[-1]}" in html
+        data = open(plot, "rb").read()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        assert base64.b64encode(data).decode() in html  # embedded, not linked
     assert "warmup" in html and "rl1" in html  # the phases of the run
 
 
