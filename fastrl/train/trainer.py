@@ -72,6 +72,7 @@ from fastrl.train.checkpoint import (
 )
 from fastrl.train.distributed import Dist
 from fastrl.train.optim import Optimizers, full_weights, lr_factor, note_nonfinite
+from fastrl.train.signals import Interrupted, StopRequest
 from fastrl.train.update import (
     StepSpec,
     assign_advantages,
@@ -125,6 +126,8 @@ class Run:
     train_tasks: list[Task]
     eval_sets: dict[str, list[Task]]
     dist: Dist = field(default_factory=Dist)
+    stop: StopRequest = field(default_factory=StopRequest)  # SIGINT/SIGTERM, seen at safe points
+    last_saved: float = field(default_factory=time.time)  # when the last checkpoint was written
 
     def share(self, items: list) -> list:
         """This rank's share of a list every rank drew identically."""
@@ -135,6 +138,7 @@ class Run:
         `tag` (the guard's snapshots, which `latest` never names). Rank 0 writes, with every
         rank's RNG state; the others wait for it."""
         tag = tag or f"step_{self.state.step:06d}"
+        self.last_saved = time.time()
         rngs = self.dist.gather_objects(rng_state()) if self.dist.enabled else None
         root = Path(self.cfg.run_dir) / "checkpoints"
         partition = self.optimizers.partition_state()
@@ -149,6 +153,20 @@ class Run:
                 )  # fmt: skip
         self.dist.barrier()
         return root / tag
+
+    def safe_point(self, phase_end: bool = False) -> None:
+        """After a logged step or at a phase's end: write a checkpoint when one is due (at every
+        phase end, every `checkpoint_every` steps of a phase, `checkpoint_minutes` after the last
+        one) or a stop was asked for; then stop (`Interrupted`). Every rank decides alike."""
+        cfg, state = self.cfg, self.state
+        by_steps = bool(cfg.checkpoint_every) and state.phase_step % cfg.checkpoint_every == 0
+        overdue = time.time() - self.last_saved >= 60 * cfg.checkpoint_minutes
+        by_time = bool(cfg.checkpoint_minutes) and overdue
+        signum = int(self.dist.all_max(float(self.stop.signum or 0)))
+        if self.dist.all_max(float(phase_end or by_steps or by_time)) or signum:
+            saved = self.checkpoint()
+            if signum:
+                raise Interrupted(signum, state.step, saved)
 
     def evaluate(self, split: str) -> dict[str, Any]:
         """Greedy evaluation of `split` on rank 0 (the others wait and get None for success)."""
@@ -177,6 +195,13 @@ class Run:
 
 # --------------------------------------------------------------------------- set-up
 def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
+    """Run `cfg` (continuing its run directory's latest checkpoint with `resume`); returns the
+    summary. SIGINT/SIGTERM stop it at the next safe point with a checkpoint (`Interrupted`)."""
+    with StopRequest() as stop:
+        return run_plan(cfg, resume, stop)
+
+
+def run_plan(cfg: Config, resume: bool, stop: StopRequest) -> dict[str, Any]:
     t_start = time.time()
     run_dir = Path(cfg.run_dir)
     dist = build.start_process(cfg)
@@ -202,7 +227,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     if optimizers.deepspeed is not None and hasattr(engine, "gather"):
         engine.gather = optimizers.deepspeed.gather  # ZeRO-3: each tensor whole when synced
     run = Run(cfg, model, tokenizer, world, engine, limits, step_spec(cfg, tokenizer), state,
-              logger, optimizers, train_tasks, eval_sets, dist)  # fmt: skip
+              logger, optimizers, train_tasks, eval_sets, dist, stop)  # fmt: skip
 
     if "teacher_success" not in state.results:  # the demonstrations' own test success
         habits = build.teacher_habits(cfg)
@@ -229,7 +254,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             else:
                 corrective_phase(run, phase.name, since=state.rl_step - phase.steps + 1)
         state.plan_index, state.phase_step = state.plan_index + 1, 0
-        run.checkpoint()
+        run.safe_point(phase_end=True)
     baseline()
 
     # ----------------------------------------------------------------------- final evaluation
@@ -270,10 +295,9 @@ def log_sft_row(run: Run, name: str, stats: dict[str, Any]) -> None:
     limit = cfg.optim.max_nonfinite_steps
     state.nonfinite_in_a_row = note_nonfinite(state.nonfinite_in_a_row, skipped, limit, row)
     run.logger.log(row)
-    # A guard's corrective phase runs inside an RL step: the step's own checkpoint covers it.
-    inside_rl = name == "guard_sft"
-    if cfg.checkpoint_every and not inside_rl and state.phase_step % cfg.checkpoint_every == 0:
-        run.checkpoint()
+    # A guard's corrective phase runs inside an RL step: the step's own safe point covers it.
+    if name != "guard_sft":
+        run.safe_point()
 
 
 def sft_phase(run: Run, phase: Phase, tasks: list[Task]) -> None:
@@ -433,8 +457,7 @@ def rl_phase(run: Run, phase: Phase) -> None:
         run.logger.log(row)
         if decision is not None:
             act_on(run, guard, decision)
-        if cfg.checkpoint_every and state.phase_step % cfg.checkpoint_every == 0:
-            run.checkpoint()
+        run.safe_point()
 
 
 def act_on(run: Run, guard: Guard, decision: Decision) -> None:
