@@ -23,6 +23,7 @@ held-out hash.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 from fastrl.envs.base import Parsed, Task, ToolCall
@@ -168,6 +169,7 @@ class SyntheticWorld:
 
     name = "synthetic"
     splits = SPLITS
+    config_defaults: Mapping[str, Any] = {}  # the config's own defaults are this world's
 
     def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
         """The first `n` tasks of `split`; deterministic, and a prefix of any longer request."""
