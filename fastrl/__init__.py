@@ -4,8 +4,8 @@ from fastrl import Config, train, evaluate
 summary = train("configs/smoke.yaml", ["rl.steps=2"])
 """
 
-from fastrl.api import evaluate, train
-from fastrl.config import Config, ConfigError, load_config
+from fastrl.api import evaluate, load_config, train
+from fastrl.config import Config, ConfigError
 
 __all__ = ["PRESETS", "Config", "ConfigError", "evaluate", "load_config", "train"]
 __version__ = "0.1.0"

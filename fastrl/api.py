@@ -1,4 +1,4 @@
-"""The Python API: `train(config)` and `evaluate(...)`."""
+"""The Python API: `load_config(config, overrides)`, `train(config)` and `evaluate(...)`."""
 
 from __future__ import annotations
 
@@ -6,22 +6,34 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fastrl.config import Config, ConfigError, config_from_dict, load_config
+from fastrl.config import Config, ConfigError, apply_overrides, config_from_dict, resolve
+from fastrl.config import load_config as load_config_file
 
 
-def _as_config(config: Config | dict | str | Path | None, overrides: list[str] | None) -> Config:
+def load_config(
+    config: Config | dict | str | Path | None = None, overrides: list[str] | None = None
+) -> Config:
+    """The configuration of a run, complete and checked before any work starts.
+
+    `config` is a YAML file (None: the defaults, the demo), a nested mapping or a `Config`
+    (completed in place); `overrides` are `key=value` strings. The environment's defaults
+    (`fastrl.envs.config_defaults`, e.g. BFCL's episode limits) fill the keys neither gives, and
+    the keys naming a registry entry are checked (`fastrl.train.build.check_registries`). Every
+    problem is a `ConfigError` naming the key.
+    """
+    from fastrl.envs import config_defaults
+    from fastrl.train.build import check_registries
+
     if config is None or isinstance(config, (str, Path)):
-        return load_config(config, overrides)
-    if isinstance(config, dict):
-        cfg = config_from_dict(config)
+        cfg = load_config_file(config, overrides, env_defaults=config_defaults)
     else:
-        cfg = config.validate()
-    if overrides:
-        from fastrl.config import _merge, _nest, parse_override
-
-        for text in overrides:
-            _merge(cfg, _nest(*parse_override(text)))
-        cfg.validate()
+        if isinstance(config, dict):
+            cfg = config_from_dict(config, env_defaults=config_defaults)
+        else:
+            cfg = resolve(config, config_defaults)
+        if overrides:
+            resolve(apply_overrides(cfg, overrides), config_defaults)
+    check_registries(cfg)
     return cfg
 
 
@@ -34,7 +46,7 @@ def train(
     """Run SFT then RL as configured; returns the run summary (also in run_dir/summary.json)."""
     from fastrl.train.trainer import train as run
 
-    return run(_as_config(config, overrides), resume=resume)
+    return run(load_config(config, overrides), resume=resume)
 
 
 def evaluate(
@@ -91,12 +103,12 @@ def evaluate(
     if samples and temperature is not None and not temperature > 0:
         raise ConfigError(f"--temperature must be > 0 to sample, got {temperature}")
     replay = read_replay(policy.split(":", 1)[1]) if policy.startswith("replay:") else None
-    cfg = _as_config(config, overrides)
+    cfg = load_config(config, overrides)
     if env is not None:
         cfg.env.name = env
     if model is not None:
         cfg.model.name = model
-    cfg.validate()
+    load_config(cfg)  # completed and checked again: --env brings its environment's defaults
     summary, rows = evaluate_split(
         cfg, split, policy, replay=replay, limit=limit, samples=samples,
         temperature=temperature, expert_probe=expert_probe,

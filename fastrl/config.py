@@ -2,7 +2,14 @@
 
 The defaults are the built-in demo (`fastrl demo`): a tiny model on the synthetic tool world on CPU.
 `load_config("configs/x.yaml", ["rl.lr=1e-5"])` merges a YAML file and overrides; unknown keys,
-wrong types and impossible values raise `ConfigError` naming the key, before any work starts.
+wrong types, values outside a closed choice (a `Literal` field) and impossible values raise
+`ConfigError` naming the key, before any work starts.
+
+This module imports nothing from fastrl. What needs the registries is done by the callers:
+`fastrl.envs.config_defaults` gives an environment's defaults (passed in as `env_defaults`), and
+`fastrl.train.build.check_registries` checks the keys that name registry entries (`env.name`,
+`rl.loss`, `rl.advantage`, the environment's split names) or depend on the environment (the
+teacher's habits); `fastrl.load_config`, which the CLI and `train`/`evaluate` use, does both.
 """
 
 from __future__ import annotations
@@ -11,14 +18,21 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-ATTENTIONS = ("auto", "fastrl_packed", "sdpa", "eager")
-ENGINES = ("auto", "vllm", "hf")
+# The closed choices shared by several keys.
+Schedule = Literal["constant", "cosine", "linear"]
+LossAgg = Literal[
+    "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+]
+# An environment's defaults by its name: dotted config keys and the values it sets on the keys a
+# configuration does not give (`fastrl.envs.config_defaults`).
+EnvDefaults = Callable[[str], Mapping[str, Any]]
 
 
 class ConfigError(ValueError):
@@ -49,10 +63,10 @@ class ModelConfig:
     # A built-in preset (tiny | small | base) or a local Hugging Face causal-LM directory.
     name: str = "tiny"
     # Parameter dtype for training: float32 | bfloat16.
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     # Where the policy trains: auto (this process's CUDA device when CUDA is available, else the
     # CPU) | cuda | cpu.
-    device: str = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     # BPE vocabulary size of a preset's tokenizer (presets only).
     vocab_size: int = 2048
     # Seed of a preset's random initialisation (presets only).
@@ -63,7 +77,7 @@ class ModelConfig:
     # (varlen attention over packed micro-batches: flash-attn, torch varlen or per-sequence SDPA,
     # chosen at start and logged) | sdpa | eager (transformers' own; packed micro-batches then use
     # a block-diagonal mask).
-    attention: str = "auto"
+    attention: Literal["auto", "fastrl_packed", "sdpa", "eager"] = "auto"
     # Apply liger-kernel's Triton kernels (RMSNorm, SwiGLU, RoPE) to the model's layers; CUDA only
     # (a CPU run refuses it at start). The LM head stays fastrl's fused logprob op.
     liger: bool = False
@@ -91,7 +105,7 @@ class TeacherConfig:
 
 @dataclass
 class EnvConfig:
-    # Environment name (see fastrl.envs.ENVS).
+    # Environment name (see fastrl.envs.ENVS; checked by fastrl.train.build.check_registries).
     name: str = "synthetic"
     # Number of training tasks (the pool SFT and RL draw from).
     train_tasks: int = 3000
@@ -110,7 +124,7 @@ class RolloutConfig:
     # Generation engine: auto (vllm when it can be imported, else hf) | vllm (an in-process vLLM
     # engine synced in place from the trainer after every step) | hf (KV-cached decoding on the
     # training model itself).
-    engine: str = "auto"
+    engine: Literal["auto", "vllm", "hf"] = "auto"
     # vLLM only: fraction of the GPU's memory vLLM may take (weights + KV cache); ignored on CPU.
     gpu_memory_utilization: float = 0.3
     # vLLM only: longest context the engine holds; 0 means max_total_tokens + max_turn_tokens.
@@ -142,9 +156,9 @@ class SFTConfig:
     # Fraction of the steps spent in linear warm-up.
     warmup_ratio: float = 0.05
     # Learning-rate schedule after warm-up: constant | cosine | linear.
-    schedule: str = "constant"
+    schedule: Schedule = "constant"
     # Aggregation of the SFT token loss: token-mean | seq-mean-token-mean.
-    loss_agg: str = "token-mean"
+    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     # Demonstrate only train tasks whose expert makes at most this many tool calls (RL still
     # trains on every task); 0 uses them all.
     max_expert_calls: int = 0
@@ -163,16 +177,16 @@ class RLConfig:
     # Linear warm-up steps.
     warmup_steps: int = 2
     # Learning-rate schedule after warm-up: constant | cosine | linear.
-    schedule: str = "constant"
+    schedule: Schedule = "constant"
     # Optimizer steps per RL step (the batch is split into this many mini-batches).
     updates_per_step: int = 1
-    # Advantage estimator: grpo | drgrpo | rloo.
+    # Advantage estimator from fastrl.algo.advantages.ESTIMATORS: grpo | drgrpo | rloo.
     advantage: str = "grpo"
     # Policy loss from fastrl.algo.losses.POLICY_LOSSES: ppo | gspo | cispo.
     loss: str = "ppo"
     # Loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum |
     # seq-mean-token-sum-norm.
-    loss_agg: str = "seq-mean-token-mean"
+    loss_agg: LossAgg = "seq-mean-token-mean"
     # Lower clip range of the ratio (1 - clip_low).
     clip_low: float = 0.2
     # Upper clip range of the ratio (1 + clip_high); > clip_low is DAPO's clip-higher.
@@ -182,12 +196,12 @@ class RLConfig:
     # KL coefficient against the frozen reference (the model at the start of RL); 0 disables it.
     kl_coef: float = 0.0
     # KL estimator: k1 | k2 | k3.
-    kl_estimator: str = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     # Entropy bonus coefficient.
     entropy_coef: float = 0.0
     # Groups whose rewards all agree carry no signal: off (keep them) | drop | refill (sample
     # more tasks).
-    dynamic_sampling: str = "off"
+    dynamic_sampling: Literal["off", "drop", "refill"] = "off"
     # Extra sampling rounds allowed by dynamic_sampling=refill.
     max_refill_rounds: int = 2
     # Exclude trajectories cut by a length or turn limit from the loss (DAPO overlong filtering).
@@ -259,7 +273,7 @@ class OPSConfig:
     # Loss on expert tokens: clip (the policy loss, whose ratio against the trainer's own
     # pre-update logprobs is 1 on the first update) | luffy (the ratio replaced by p / (p + gamma),
     # no clipping; LUFFY's policy shaping).
-    shaping: str = "clip"
+    shaping: Literal["clip", "luffy"] = "clip"
     # LUFFY's gamma.
     gamma: float = 0.1
 
@@ -309,7 +323,7 @@ class MixedSFTConfig:
     # mu at the last RL step for the linear and cosine schedules.
     final_weight: float = 0.0
     # How mu moves over the RL steps: constant | linear | cosine.
-    schedule: str = "constant"
+    schedule: Schedule = "constant"
     # CHORD's per-token weight phi = p (1 - p) (no gradient through it) on the SFT tokens.
     chord_phi: bool = False
     # Expert trajectories drawn per RL update.
@@ -332,7 +346,7 @@ class ScheduleConfig:
     # synchronous: SFT warm-up (sft.steps), then one RL phase of rl.steps (OPS, HBG and mixed SFT
     # act inside its steps) | interleaved: SFT warm-up, then RL phases of `rl_phases` steps with a
     # corrective SFT phase (ETS / PRS) between consecutive ones.
-    scheme: str = "synchronous"
+    scheme: Literal["synchronous", "interleaved"] = "synchronous"
     # interleaved only: the RL phase lengths, e.g. [50, 100, 150]; rl.steps is then their sum.
     rl_phases: list[int] = field(default_factory=list)
 
@@ -351,7 +365,7 @@ class GuardConfig:
     pollution_threshold: float = 0.0
     # What to do after the rollback: sft (a corrective SFT phase, ETS-style, with the
     # supervision.ets settings) | lower_lr (multiply the RL learning rate by lr_factor).
-    action: str = "sft"
+    action: Literal["sft", "lower_lr"] = "sft"
     # lower_lr: factor applied to the RL learning rate per action.
     lr_factor: float = 0.5
     # A healthy RL step (no alarm, collapse under the threshold) refreshes the snapshot every this
@@ -365,9 +379,9 @@ class GuardConfig:
 class DistributedConfig:
     # Under torchrun with several processes: DeepSpeed ZeRO stage (2: optimizer states and
     # gradients partitioned; 3: parameters too).
-    zero_stage: int = 2
+    zero_stage: Literal[2, 3] = 2
     # Collective backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo.
-    backend: str = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
 
 
 @dataclass
@@ -407,38 +421,16 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def apply_env_defaults(self) -> None:
-        """Set the environment's defaults (e.g. BFCL's prompt-length limits) on keys not given."""
-        from fastrl.envs import ENVS
-
-        for key, value in getattr(ENVS.get(self.env.name), "config_defaults", {}).items():
-            if key not in self.explicit:
-                *path, name = key.split(".")
-                setattr(_get(self, ".".join(path)), name, value)
-
     def validate(self) -> Config:
-        """Check values that are well-typed but impossible; raise ConfigError naming the key."""
-        from fastrl.algo.advantages import ESTIMATORS
-        from fastrl.algo.losses import POLICY_LOSSES
-        from fastrl.envs import ENVS
+        """Check every value; raise ConfigError naming the key. Changes nothing.
 
-        self.apply_env_defaults()
-
-        aggs = (
-            "token-mean",
-            "seq-mean-token-mean",
-            "seq-mean-token-sum",
-            "seq-mean-token-sum-norm",
-        )
-        schedules = ("constant", "cosine", "linear")
-        world = ENVS.get(self.env.name)
-        splits = tuple(getattr(world, "splits", ("train", "test", "format_ood", "content_ood")))
+        Types and closed choices are the fields' annotations (the loader's own check, run again
+        for a Config built in Python); below, ranges and rules across keys. The registry-backed
+        keys are checked by `fastrl.train.build.check_registries`.
+        """
+        _check_fields(self)
         checks: list[tuple[str, bool, str]] = [
-            ("model.dtype", self.model.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
-            ("model.device", self.model.device in ("auto", "cuda", "cpu"), "auto, cuda or cpu"),
             ("model.vocab_size", self.model.vocab_size >= 300, ">= 300"),
-            ("model.attention", self.model.attention in ATTENTIONS, f"one of {ATTENTIONS}"),
-            ("env.name", self.env.name in ENVS, f"one of {sorted(ENVS)}"),
             ("env.train_tasks", self.env.train_tasks >= 1, ">= 1"),
             ("env.eval_tasks", self.env.eval_tasks >= 1, ">= 1"),
             ("env.tool_timeout_s", self.env.tool_timeout_s >= 0, ">= 0"),
@@ -453,7 +445,6 @@ class Config:
                 0 <= self.env.teacher.skip_lookup_rate <= 1,
                 "in [0, 1]",
             ),
-            ("rollout.engine", self.rollout.engine in ENGINES, f"one of {ENGINES}"),
             (
                 "rollout.gpu_memory_utilization",
                 0 < self.rollout.gpu_memory_utilization <= 1,
@@ -471,14 +462,11 @@ class Config:
             ("sft.batch_size", self.sft.batch_size >= 1, ">= 1"),
             ("sft.lr", self.sft.lr > 0, "> 0"),
             ("sft.warmup_ratio", 0 <= self.sft.warmup_ratio < 1, "in [0, 1)"),
-            ("sft.schedule", self.sft.schedule in schedules, f"one of {schedules}"),
-            ("sft.loss_agg", self.sft.loss_agg in aggs[:2], f"one of {aggs[:2]}"),
             ("rl.steps", self.rl.steps >= 0, ">= 0"),
             ("rl.prompts_per_step", self.rl.prompts_per_step >= 1, ">= 1"),
             ("rl.group_size", self.rl.group_size >= 2, ">= 2 (a group needs a baseline)"),
             ("rl.lr", self.rl.lr > 0, "> 0"),
             ("rl.warmup_steps", self.rl.warmup_steps >= 0, ">= 0"),
-            ("rl.schedule", self.rl.schedule in schedules, f"one of {schedules}"),
             ("rl.negative_weight", 0 <= self.rl.negative_weight <= 1, "in [0, 1]"),
             ("rl.format_reward", self.rl.format_reward >= 0, ">= 0"),
             ("sft.max_expert_calls", self.sft.max_expert_calls >= 0, ">= 0"),
@@ -489,20 +477,11 @@ class Config:
             ("monitor.decision_probe_tasks", self.monitor.decision_probe_tasks >= 0, ">= 0"),
             ("rl.tis_cap", self.rl.tis_cap is None or self.rl.tis_cap > 0, "> 0 or null"),
             ("rl.updates_per_step", self.rl.updates_per_step >= 1, ">= 1"),
-            ("rl.advantage", self.rl.advantage in ESTIMATORS, f"one of {sorted(ESTIMATORS)}"),
-            ("rl.loss", self.rl.loss in POLICY_LOSSES, f"one of {sorted(POLICY_LOSSES)}"),
-            ("rl.loss_agg", self.rl.loss_agg in aggs, f"one of {aggs}"),
             ("rl.clip_low", 0 <= self.rl.clip_low < 1, "in [0, 1)"),
             ("rl.clip_high", self.rl.clip_high >= 0, ">= 0"),
             ("rl.dual_clip", self.rl.dual_clip is None or self.rl.dual_clip > 1, "> 1 or null"),
             ("rl.kl_coef", self.rl.kl_coef >= 0, ">= 0"),
-            ("rl.kl_estimator", self.rl.kl_estimator in ("k1", "k2", "k3"), "k1, k2 or k3"),
             ("rl.entropy_coef", self.rl.entropy_coef >= 0, ">= 0"),
-            (
-                "rl.dynamic_sampling",
-                self.rl.dynamic_sampling in ("off", "drop", "refill"),
-                "off, drop or refill",
-            ),
             ("rl.max_refill_rounds", self.rl.max_refill_rounds >= 0, ">= 0"),
             ("optim.weight_decay", self.optim.weight_decay >= 0, ">= 0"),
             (
@@ -516,7 +495,6 @@ class Config:
                 self.optim.max_tokens_per_microbatch >= 16,
                 ">= 16",
             ),
-            ("eval.splits", all(s in splits for s in self.eval.splits), f"a list from {splits}"),
             ("eval.every", self.eval.every >= 0, ">= 0"),
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
@@ -526,7 +504,6 @@ class Config:
         G = self.rl.group_size
         checks += [
             ("supervision.ops.k", 0 <= sup.ops.k < G, f"in [0, rl.group_size={G})"),
-            ("supervision.ops.shaping", sup.ops.shaping in ("clip", "luffy"), "clip or luffy"),
             ("supervision.ops.gamma", sup.ops.gamma > 0, "> 0"),
             (
                 "supervision.hbg.k",
@@ -542,30 +519,13 @@ class Config:
             ("supervision.prs.max_reflection_tokens", sup.prs.max_reflection_tokens >= 1, ">= 1"),
             ("supervision.mixed_sft.weight", sup.mixed_sft.weight >= 0, ">= 0"),
             ("supervision.mixed_sft.final_weight", sup.mixed_sft.final_weight >= 0, ">= 0"),
-            (
-                "supervision.mixed_sft.schedule",
-                sup.mixed_sft.schedule in schedules,
-                f"one of {schedules}",
-            ),
             ("supervision.mixed_sft.batch_size", sup.mixed_sft.batch_size >= 1, ">= 1"),
-            (
-                "schedule.scheme",
-                sched.scheme in ("synchronous", "interleaved"),
-                "synchronous or interleaved",
-            ),
             ("schedule.rl_phases", all(n >= 1 for n in sched.rl_phases), "positive step counts"),
             ("guard.collapse_threshold", 0 <= guard.collapse_threshold <= 1, "in [0, 1]"),
             ("guard.pollution_threshold", 0 <= guard.pollution_threshold <= 1, "in [0, 1]"),
-            ("guard.action", guard.action in ("sft", "lower_lr"), "sft or lower_lr"),
             ("guard.lr_factor", 0 < guard.lr_factor < 1, "in (0, 1)"),
             ("guard.snapshot_every", guard.snapshot_every >= 1, ">= 1"),
             ("guard.max_actions", guard.max_actions >= 0, ">= 0"),
-            ("distributed.zero_stage", self.distributed.zero_stage in (2, 3), "2 or 3"),
-            (
-                "distributed.backend",
-                self.distributed.backend in ("auto", "nccl", "gloo"),
-                "auto, nccl or gloo",
-            ),
         ]
         for key, ok, expected in checks:
             if not ok:
@@ -582,12 +542,11 @@ class Config:
                     "schedule.scheme: interleaved runs ETS or PRS phases between RL phases; "
                     "set supervision.ets.enabled=true or supervision.prs.enabled=true"
                 )
-            if "rl.steps" in self.explicit and self.rl.steps != sum(sched.rl_phases):
+            if self.rl.steps != sum(sched.rl_phases):  # `resolve` derives it when not given
                 raise ConfigError(
                     f"rl.steps: {self.rl.steps} differs from sum(schedule.rl_phases) = "
                     f"{sum(sched.rl_phases)}; leave rl.steps out under the interleaved scheme"
                 )
-            self.rl.steps = sum(sched.rl_phases)
         else:
             if sched.rl_phases:
                 raise ConfigError(
@@ -600,13 +559,6 @@ class Config:
                     f"{key}: ETS and PRS run between RL phases; set schedule.scheme=interleaved "
                     "and schedule.rl_phases"
                 )
-        rates = {k: v for k, v in dataclasses.asdict(self.env.teacher).items() if v}
-        if rates and self.env.name != "synthetic":
-            key = next(iter(rates))
-            raise ConfigError(
-                f"env.teacher.{key}: the teacher's habits are defined for the synthetic world "
-                f"only, not {self.env.name!r}; set it to 0"
-            )
         if self.rollout.max_turn_tokens >= self.rollout.max_total_tokens:
             raise ConfigError(
                 f"rollout.max_turn_tokens: {self.rollout.max_turn_tokens} must be smaller than "
@@ -621,9 +573,24 @@ def _get(obj: Any, dotted: str) -> Any:
     return obj
 
 
+def _either(options: tuple[Any, ...]) -> str:
+    """`("a", "b", "c")` -> `"a, b or c"`."""
+    words = [str(o) for o in options]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Return `value` converted to `annotation`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        options = typing.get_args(annotation)
+        for option in options:
+            try:
+                if _coerce(key, value, type(option)) == option:
+                    return option
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: got {value!r}, expected {_either(options)}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
@@ -670,6 +637,17 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {annotation!r}")
 
 
+def _check_fields(obj: Any, prefix: str = "") -> None:
+    """Raise ConfigError for the first field of dataclass `obj` whose value its type refuses."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, f"{prefix}{f.name}.")
+        else:
+            _coerce(prefix + f.name, value, hints[f.name])
+
+
 def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     """Assign `data` onto dataclass `obj` in place, checking every key and type."""
     if not isinstance(data, dict):
@@ -712,8 +690,45 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Merge `key=value` overrides (values read as YAML) into `cfg` in place and return it.
+
+    The keys count as given, so an environment's defaults leave them alone. Not validated:
+    `resolve` (or a loader) does that once everything is in.
+    """
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(cfg, _nest(key, value))
+        cfg.explicit.add(key)
+    return cfg
+
+
+def resolve(cfg: Config, env_defaults: EnvDefaults | None = None) -> Config:
+    """Fill in what the given keys leave open, then validate; returns `cfg`.
+
+    The environment's defaults (`env_defaults(cfg.env.name)`: e.g. BFCL's episode limits) go on
+    the keys the configuration does not give, and under the interleaved scheme `rl.steps`, when
+    not given, becomes the sum of `schedule.rl_phases`.
+    """
+    for key, value in (env_defaults(cfg.env.name) if env_defaults else {}).items():
+        if key not in cfg.explicit:
+            *path, name = key.split(".")
+            setattr(_get(cfg, ".".join(path)), name, value)
+    sched = cfg.schedule
+    if sched.scheme == "interleaved" and "rl.steps" not in cfg.explicit:
+        cfg.rl.steps = sum(sched.rl_phases)
+    return cfg.validate()
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    env_defaults: EnvDefaults | None = None,
+) -> Config:
+    """Defaults, then the YAML file at `path`, then `key=value` overrides; resolved (see
+    `resolve`) and validated. `fastrl.load_config` passes the environments' defaults and checks
+    the registry-backed keys too."""
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -722,11 +737,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = _load_yaml(path.read_text()) or {}
         _merge(cfg, data)
         cfg.explicit |= _dotted_keys(data)
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _merge(cfg, _nest(key, value))
-        cfg.explicit.add(key)
-    return cfg.validate()
+    apply_overrides(cfg, overrides or [])
+    return resolve(cfg, env_defaults)
 
 
 def _dotted_keys(data: Any, prefix: str = "") -> set[str]:
@@ -738,12 +750,12 @@ def _dotted_keys(data: Any, prefix: str = "") -> set[str]:
     return keys
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """A validated Config from a (possibly partial) nested mapping."""
+def config_from_dict(data: dict[str, Any], *, env_defaults: EnvDefaults | None = None) -> Config:
+    """A resolved, validated Config from a (possibly partial) nested mapping."""
     cfg = Config()
     _merge(cfg, data)
     cfg.explicit |= _dotted_keys(data)
-    return cfg.validate()
+    return resolve(cfg, env_defaults)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

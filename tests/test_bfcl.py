@@ -232,7 +232,7 @@ def test_paper_configs_run_a_step_on_a_tiny_model(config, tmp_path):
 
 
 def test_environment_defaults_fill_only_keys_not_given():
-    from fastrl.config import load_config
+    from fastrl import load_config
 
     cfg = load_config(None, ["env.name=bfcl", "rollout.max_turns=5"])
     assert cfg.rollout.max_turns == 5  # given: kept

@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+import fastrl
 from fastrl.algo import supervision as S
 from fastrl.config import ConfigError, load_config
 from fastrl.envs.synthetic import answer_ok
@@ -145,8 +146,10 @@ def test_teacher_config_keys():
         load_config(None, ["env.teacher.stop_early_rate=1.5"])
     with pytest.raises(ConfigError, match="env.teacher.skip_lookup_rate"):
         load_config(None, ["env.teacher.skip_lookup_rate=-0.1"])
-    bfcl = load_config(None, ["env.name=bfcl"])  # BFCL's demonstrations are its ground truth
+    # BFCL's demonstrations are its ground truth: its defaults turn the habits off, and a habit
+    # set for it is refused before any work (fastrl.load_config completes and checks a config)
+    bfcl = fastrl.load_config(None, ["env.name=bfcl"])
     teacher = bfcl.env.teacher
     assert teacher.stop_early_rate == teacher.skip_lookup_rate == teacher.guess_rate == 0
     with pytest.raises(ConfigError, match="synthetic world only"):
-        load_config(None, ["env.name=bfcl", "env.teacher.stop_early_rate=0.5"])
+        fastrl.load_config(None, ["env.name=bfcl", "env.teacher.stop_early_rate=0.5"])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from fastrl.envs.base import Env, Format, Parsed, Task, ToolCall, World
 from fastrl.envs.bfcl import BFCLWorld
 from fastrl.envs.formats import get_format
 from fastrl.envs.synthetic import SyntheticWorld
 
-ENVS: dict[str, type] = {
+ENVS: dict[str, type[World]] = {
     "synthetic": SyntheticWorld,
     "bfcl": BFCLWorld,
 }
@@ -20,6 +23,14 @@ def get_world(name: str) -> World:
     return ENVS[name]()
 
 
+def config_defaults(name: str) -> Mapping[str, Any]:
+    """The config keys the world registered as `name` sets unless a configuration gives them
+    (the `env_defaults` of `fastrl.config.load_config`); none for an unknown name, which
+    `fastrl.train.build.check_registries` reports."""
+    world = ENVS.get(name)
+    return world.config_defaults if world is not None else {}
+
+
 __all__ = [
     "ENVS",
     "Env",
@@ -28,6 +39,7 @@ __all__ = [
     "Task",
     "ToolCall",
     "World",
+    "config_defaults",
     "get_format",
     "get_world",
 ]

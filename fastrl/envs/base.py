@@ -12,7 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -141,9 +141,19 @@ class Format(Protocol):
 
 
 class World(Protocol):
-    """A source of tasks and of environments that run them (one per benchmark or generator)."""
+    """A source of tasks and of environments that run them (one per benchmark or generator).
 
+    `name`, `splits` and `config_defaults` are class attributes: a configuration is completed and
+    checked against the registered class (`fastrl.envs.ENVS`) before any world is built.
+    """
+
+    # The registry name (`env.name`).
     name: str
+    # The split names `tasks` accepts; `eval.splits` must be among them.
+    splits: tuple[str, ...]
+    # Dotted config keys this world sets unless the configuration gives them (BFCL's longer
+    # episode limits, for one); empty where the config's defaults suit the world.
+    config_defaults: Mapping[str, Any]
 
     def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
         """The first `n` tasks of `split`, deterministic in (split, n, seed)."""
@@ -151,4 +161,8 @@ class World(Protocol):
 
     def make_env(self) -> Env:
         """A fresh environment for this world's tasks."""
+        ...
+
+    def tokenizer_corpus(self, n_tasks: int = ..., seed: int = 0) -> list[str]:
+        """Plain texts of `n_tasks` train tasks (no chat tokens) to fit a preset's tokenizer on."""
         ...

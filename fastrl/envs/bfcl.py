@@ -508,7 +508,7 @@ class BFCLWorld:
     def make_env(self) -> BFCLEnv:
         return BFCLEnv()
 
-    def tokenizer_corpus(self, seed: int = 0, n_tasks: int = 200) -> list[str]:
+    def tokenizer_corpus(self, n_tasks: int = 200, seed: int = 0) -> list[str]:
         """Texts to build a preset tokenizer from: prompts and expert messages."""
         texts = []
         for task in self.tasks("train", n_tasks):

@@ -1,12 +1,13 @@
 """Config to objects: a process's start, the policy and its tokenizer, the generation engine, the
 training device, the tasks, the logger, the episode limits, the teacher's habits and the KL
-reference. Each raises `ConfigError` naming
-the key when the configuration cannot be built here.
+reference. Each raises `ConfigError` naming the key when the configuration cannot be built here;
+`check_registries` checks the keys that name a registry entry before any work starts.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import random
@@ -17,9 +18,11 @@ import torch
 from safetensors.torch import load_model as load_model_weights
 from safetensors.torch import save_model as save_model_weights
 
+from fastrl.algo.advantages import ESTIMATORS
+from fastrl.algo.losses import POLICY_LOSSES
 from fastrl.algo.schedule import Phase
 from fastrl.config import Config, ConfigError, save_config
-from fastrl.envs import get_world
+from fastrl.envs import ENVS, get_world
 from fastrl.envs.base import Task, set_tool_timeout
 from fastrl.envs.teacher import Habits
 from fastrl.models import apply_liger, load_model
@@ -35,6 +38,30 @@ from fastrl.train.packing import ATTN_IMPLEMENTATION, choose_kernel
 from fastrl.train.packing import register as register_packed_attention
 
 log = logging.getLogger("fastrl.train")
+
+
+def check_registries(cfg: Config) -> None:
+    """Raise ConfigError naming the first key that names no registry entry: `env.name`
+    (`fastrl.envs.ENVS`), `rl.advantage` (`ESTIMATORS`), `rl.loss` (`POLICY_LOSSES`), and
+    `eval.splits` (the environment's `splits`); or a teacher habit (`env.teacher.*`) set for an
+    environment other than the synthetic world, the only one that defines them."""
+    for key, value, known in (
+        ("env.name", cfg.env.name, sorted(ENVS)),
+        ("rl.advantage", cfg.rl.advantage, sorted(ESTIMATORS)),
+        ("rl.loss", cfg.rl.loss, sorted(POLICY_LOSSES)),
+    ):
+        if value not in known:
+            raise ConfigError(f"{key}: got {value!r}, expected one of {known}")
+    splits = ENVS[cfg.env.name].splits
+    if not all(s in splits for s in cfg.eval.splits):
+        raise ConfigError(f"eval.splits: got {cfg.eval.splits!r}, expected a list from {splits}")
+    rates = {k: v for k, v in dataclasses.asdict(cfg.env.teacher).items() if v}
+    if rates and cfg.env.name != "synthetic":
+        key = next(iter(rates))
+        raise ConfigError(
+            f"env.teacher.{key}: the teacher's habits are defined for the synthetic world "
+            f"only, not {cfg.env.name!r}; set it to 0"
+        )
 
 
 def attention_of(cfg: Config) -> str:

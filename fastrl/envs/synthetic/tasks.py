@@ -1,26 +1,17 @@
-"""The built-in synthetic tool world: short, procedurally generated multi-step tool-use tasks.
+"""Task generation for the synthetic world: the builder, the templates, the held-out hash.
 
-Every task draws a small random world (people with a city, a bank account and a todo list; the
-weather in each city; exchange rates; for `content_ood`, club members, flights and a shop) and asks
-1-3 user questions whose answers need 1-4 dependent tool calls in total, e.g. look up a person's
-city, then the weather in that city. Attribute values are random per task, so a policy must read
-tool results rather than memorise them. Some tools change the world (bank transfers, todo items,
-orders, bookings); a task succeeds only if every answer holds its expected value and the final
-state of those tools equals the one the expert's calls produce.
-
-Splits:
-- `train` and `test` share the tool families and entity pools; a hash of each task's content puts
-  it in exactly one of them, so no task instance appears in both.
-- `format_ood` holds the `test` tasks, one for one, written in the Python-list call syntax.
-- `content_ood` uses tool families and entity names (people, cities, items) never seen in training.
+A task draws 1-4 expert calls in all, split over 1-3 user turns; each turn is a template that asks
+the builder for entities (which grows the initial world as it goes) and runs the expert's calls on
+a live copy, so every recorded result is real. A hash of what the model sees of a task decides
+whether it is a train or a held-out (test / format_ood) task, so no instance lands in both.
 
 Everything is kept short and regular for tiny policies with small vocabularies: the system prompt
 lists only the tool families the task needs plus at most one distractor family. Account numbers
 (A10-A99), balances (20-99) and exchange rates (2-5) are drawn from small ranges, so the ids and
 balances a `test` task copies are numbers the train tasks show often (converted amounts and
-balances after a transfer still reach three digits). With ids from A100-A999, balances up to 400
-and rates up to 9, many test numbers were rare or absent in train, and a tiny policy did not copy
-them (docs/DEMO_RL.md).
+balances after a transfer still reach three digits): the presets' tokenizer keeps a frequent
+number whole, and a tiny policy copies a whole number far more reliably than one split into
+pieces (docs/DEMO_RL.md has the measurements).
 """
 
 from __future__ import annotations
@@ -29,368 +20,33 @@ import copy
 import hashlib
 import json
 import random
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastrl.envs.base import Parsed, Task, ToolCall, ToolTimeout, call_with_timeout
-from fastrl.envs.formats import get_format
-
-SPLITS = ("train", "test", "format_ood", "content_ood")
-INSTRUCTION = "Use the tools to answer the user. When you know the answer, reply in one sentence."
-MAX_ANSWER_CHARS = 200  # longer answers fail: listing many numbers must not pass the value check
+from fastrl.envs.synthetic.tools import (
+    CITIES,
+    CURRENCIES,
+    FAMILIES,
+    FAMILY_OF,
+    OOD_CITIES,
+    OOD_FAMILIES,
+    OOD_ITEMS,
+    OOD_PEOPLE,
+    PEOPLE,
+    SKIES,
+    TODO_ITEMS,
+    TOOLS,
+    empty_world,
+    execute,
+    snapshot,
+)
 
 # One content hash bucket in this many is held out for test / format_ood.
 _HELD_OUT_EVERY = 5
 _CALL_COUNT_WEIGHTS = {1: 30, 2: 35, 3: 25, 4: 10}
 _TURN_COUNT_WEIGHTS = {1: 5, 2: 4, 3: 1}
 _DISTRACTOR_PROB = 0.5
-
-# ---------------------------------------------------------------------------------------------
-# Entity pools. The content_ood pools share no name with the training pools.
-
-PEOPLE = (
-    "Ana", "Ben", "Carla", "Dev", "Eva", "Finn", "Gia", "Hugo", "Ines", "Jon",
-    "Kira", "Leo", "Mia", "Nico", "Omar", "Pia", "Raj", "Sara", "Tom", "Uma",
-    "Vera", "Wes", "Yara", "Zoe", "Ivan", "Lena", "Marco", "Nora", "Otto", "Rosa",
-)  # fmt: skip
-CITIES = (
-    "Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Rome",
-    "Delhi", "Berlin", "Madrid", "Seoul", "Dublin", "Vienna",
-)  # fmt: skip
-SKIES = ("sunny", "cloudy", "rainy", "windy", "snowy")
-CURRENCIES = ("EUR", "GBP", "JPY", "INR", "CHF", "CAD")
-TODO_ITEMS = (
-    "buy milk", "call mom", "pay rent", "book dentist", "water plants",
-    "fix bike", "read book", "clean desk", "walk dog", "bake bread",
-)  # fmt: skip
-
-OOD_PEOPLE = (
-    "Aiko", "Bram", "Chidi", "Dagny", "Emeka", "Freya", "Goran", "Hana", "Idris", "Juno",
-    "Kofi", "Lior", "Mateo", "Nadia", "Oren", "Priya", "Quinn", "Rafa", "Sven", "Tariq",
-)  # fmt: skip
-OOD_CITIES = (
-    "Quito", "Hanoi", "Accra", "Perth", "Riga", "Osaka",
-    "Lagos", "Bogota", "Tunis", "Manila", "Zagreb", "Denver",
-)  # fmt: skip
-OOD_ITEMS = ("lamp", "kettle", "chair", "tent", "drill", "guitar", "helmet", "blender")
-
-# ---------------------------------------------------------------------------------------------
-# Tool schemas and families.
-
-
-def _schema(name: str, description: str, /, **params: str) -> dict:
-    # Compact schemas (every parameter required, name -> JSON type): the system prompt is most of
-    # an episode's tokens, and a tiny policy trains and samples faster on a short one.
-    return {"name": name, "description": description, "parameters": dict(params)}
-
-
-TOOLS: dict[str, dict] = {
-    t["name"]: t
-    for t in (
-        _schema("lookup_user", "A user's id, city and account.", name="string"),
-        _schema("get_weather", "Today's weather in a city.", city="string"),
-        _schema(
-            "convert",
-            "Convert dollars to a currency.",
-            amount="integer",
-            currency="string",
-        ),
-        _schema("get_balance", "Balance of an account.", account="string"),
-        _schema(
-            "transfer",
-            "Move dollars between accounts.",
-            src="string",
-            dst="string",
-            amount="integer",
-        ),
-        _schema("add_todo", "Add to a user's todo list.", user_id="string", text="string"),
-        _schema("find_member", "A club member's home city.", name="string"),
-        _schema("find_flight", "A flight between two cities.", origin="string", dest="string"),
-        _schema("book_flight", "Book a seat on a flight.", flight="string", passenger="string"),
-        _schema("get_stock", "Stock and price of an item.", item="string"),
-        _schema("order", "Order a quantity of an item.", item="string", qty="integer"),
-    )
-}
-
-FAMILIES: dict[str, tuple[str, ...]] = {
-    "directory": ("lookup_user",),
-    "weather": ("get_weather",),
-    "currency": ("convert",),
-    "bank": ("get_balance", "transfer"),
-    "todo": ("add_todo",),
-}
-OOD_FAMILIES: dict[str, tuple[str, ...]] = {
-    "members": ("find_member",),
-    "flights": ("find_flight", "book_flight"),
-    "shop": ("get_stock", "order"),
-}
-_FAMILY_OF = {
-    tool: fam for fams in (FAMILIES, OOD_FAMILIES) for fam, ts in fams.items() for tool in ts
-}
-
-# World tables that tools may change; the final values of these are part of success.
-STATEFUL = ("bank", "todos", "flights", "stock", "bookings")
-_TABLES = ("users", "weather", "rates", "bank", "todos", "members", "flights", "stock")
-
-
-def _empty_world() -> dict:
-    return {**{t: {} for t in _TABLES}, "bookings": []}
-
-
-def _snapshot(state: dict) -> dict:
-    return copy.deepcopy({k: state[k] for k in STATEFUL})
-
-
-def _quote(value: Any) -> str:
-    """A short quotation of a model-supplied value for error messages."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:40] + "..."
-
-
-def dumps(result: dict) -> str:
-    """A tool result as the short JSON string the model sees."""
-    return json.dumps(result, ensure_ascii=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tool implementations over an in-memory world.
-
-
-class _ToolError(Exception):
-    """A failed call (unknown entity, insufficient funds, ...), reported to the model."""
-
-
-def _find(table: dict, key: str, kind: str) -> Any:
-    if key not in table:
-        raise _ToolError(f"unknown {kind} {_quote(key)}")
-    return table[key]
-
-
-def _positive(value: int, what: str) -> None:
-    if value <= 0:
-        raise _ToolError(f"{what} must be positive")
-
-
-def _lookup_user(w: dict, name: str) -> dict:
-    return dict(_find(w["users"], name, "user"))
-
-
-def _get_weather(w: dict, city: str) -> dict:
-    return dict(_find(w["weather"], city, "city"))
-
-
-def _convert(w: dict, amount: int, currency: str) -> dict:
-    _positive(amount, "amount")
-    rate = _find(w["rates"], currency, "currency")
-    return {"amount": amount * rate, "currency": currency}
-
-
-def _get_balance(w: dict, account: str) -> dict:
-    return {"balance": _find(w["bank"], account, "account")}
-
-
-def _transfer(w: dict, src: str, dst: str, amount: int) -> dict:
-    _find(w["bank"], src, "account")
-    _find(w["bank"], dst, "account")
-    _positive(amount, "amount")
-    if src == dst:
-        raise _ToolError("src and dst must differ")
-    if w["bank"][src] < amount:
-        raise _ToolError(f"insufficient funds in {src}")
-    w["bank"][src] -= amount
-    w["bank"][dst] += amount
-    return {"src_balance": w["bank"][src], "dst_balance": w["bank"][dst]}
-
-
-def _add_todo(w: dict, user_id: str, text: str) -> dict:
-    items = _find(w["todos"], user_id, "user_id")
-    if not text.strip():
-        raise _ToolError("text must not be empty")
-    items.append(text)
-    return {"count": len(items)}
-
-
-def _find_member(w: dict, name: str) -> dict:
-    return dict(_find(w["members"], name, "member"))
-
-
-def _find_flight(w: dict, origin: str, dest: str) -> dict:
-    for flight_id, f in w["flights"].items():
-        if f["origin"] == origin and f["dest"] == dest:
-            return {"flight": flight_id, "price": f["price"]}
-    raise _ToolError(f"no flight from {_quote(origin)} to {_quote(dest)}")
-
-
-def _book_flight(w: dict, flight: str, passenger: str) -> dict:
-    f = _find(w["flights"], flight, "flight")
-    if not passenger.strip():
-        raise _ToolError("passenger must not be empty")
-    if f["seats"] == 0:
-        raise _ToolError(f"flight {flight} is full")
-    f["seats"] -= 1
-    w["bookings"].append([flight, passenger])
-    return {"booked": flight, "seats_left": f["seats"]}
-
-
-def _get_stock(w: dict, item: str) -> dict:
-    return dict(_find(w["stock"], item, "item"))
-
-
-def _order(w: dict, item: str, qty: int) -> dict:
-    entry = _find(w["stock"], item, "item")
-    _positive(qty, "qty")
-    if qty > entry["stock"]:
-        raise _ToolError(f"only {entry['stock']} {item} in stock")
-    entry["stock"] -= qty
-    return {"total": qty * entry["price"], "stock": entry["stock"]}
-
-
-_IMPLS: dict[str, Callable[..., dict]] = {
-    "lookup_user": _lookup_user,
-    "get_weather": _get_weather,
-    "convert": _convert,
-    "get_balance": _get_balance,
-    "transfer": _transfer,
-    "add_todo": _add_todo,
-    "find_member": _find_member,
-    "find_flight": _find_flight,
-    "book_flight": _book_flight,
-    "get_stock": _get_stock,
-    "order": _order,
-}
-_TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
-    "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-}
-
-
-def execute(world: dict, allowed: set[str], name: Any, arguments: Any) -> dict:
-    """Run one call against `world` (changed in place); problems come back as {"error": ...}.
-
-    Only tools in `allowed` (those the task offers) exist; arguments are checked against the
-    tool's schema before the call.
-    """
-    if not isinstance(name, str) or name not in allowed:
-        return {"error": f"unknown tool {_quote(name)}; available: {', '.join(sorted(allowed))}"}
-    if not isinstance(arguments, dict):
-        return {"error": "arguments must be an object"}
-    params = TOOLS[name]["parameters"]
-    for arg in arguments:
-        if arg not in params:
-            return {"error": f"{name} has no argument {_quote(arg)}"}
-    for arg in params:
-        if arg not in arguments:
-            return {"error": f"{name} is missing argument {arg!r}"}
-    for arg, value in arguments.items():
-        kind = params[arg]
-        if not _TYPE_CHECKS[kind](value):
-            return {"error": f"argument {arg!r} of {name} must be a {kind}"}
-    try:
-        return call_with_timeout(_IMPLS[name], world, **arguments)
-    except _ToolError as e:
-        return {"error": str(e)}
-    except ToolTimeout as e:
-        return {"error": f"{name} {e}"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Answer checking.
-
-
-def _normalize(text: str) -> str:
-    return re.sub(r"(?<=\d),(?=\d{3})", "", text.lower())
-
-
-def answer_ok(text: str, expected: list[str]) -> bool:
-    """Whether a short answer contains every expected value as a whole word or number."""
-    if len(text) > MAX_ANSWER_CHARS:
-        return False
-    norm = _normalize(text)
-    return all(
-        re.search(rf"(?<![\w.-]){re.escape(_normalize(v))}(?!\w|\.\d)", norm) for v in expected
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# The environment.
-
-
-class SyntheticEnv:
-    """Runs one synthetic task at a time (implements the Env protocol)."""
-
-    def __init__(self) -> None:
-        self._task: Task | None = None
-
-    def reset(self, task: Task) -> list[dict]:
-        """Start `task` from its initial world and return copies of its opening messages."""
-        self._task = task
-        self._turns = task.meta["turns"]
-        self._state = copy.deepcopy(task.meta["world"])
-        self._allowed = {t["name"] for t in task.tools}
-        self._answers: list[str] = []
-        self._snapshots: list[dict] = []
-        self._n_calls = 0
-        self._n_errors = 0
-        self._done = False
-        return [dict(m) for m in task.messages]
-
-    def step(self, assistant_text: str, parsed: Parsed) -> tuple[list[dict], bool]:
-        """Execute the calls, report a parse error, or take the text as the turn's answer."""
-        if self._task is None:
-            raise RuntimeError("call reset(task) before step()")
-        if self._done:
-            return [], True
-        if parsed.error is not None:
-            self._n_errors += 1
-            return [{"role": "tool", "content": f"Error: {parsed.error}"}], False
-        if parsed.calls:
-            observations = []
-            for call in parsed.calls:
-                result = execute(self._state, self._allowed, call.name, call.arguments)
-                self._n_calls += 1
-                self._n_errors += "error" in result
-                observations.append({"role": "tool", "content": dumps(result)})
-            return observations, False
-        self._answers.append(assistant_text)
-        self._snapshots.append(_snapshot(self._state))
-        if len(self._answers) < len(self._turns):
-            return [{"role": "user", "content": self._turns[len(self._answers)]["question"]}], False
-        self._done = True
-        return [], True
-
-    def score(self) -> tuple[float, dict]:
-        """1.0 iff every answer holds its expected values and the final state matches the expert.
-
-        `first_failing_turn` (0-based) is the first turn whose answer is missing or wrong or after
-        which the world differs from the expert's; None on success.
-        """
-        if self._task is None:
-            raise RuntimeError("call reset(task) before score()")
-        turns, answers = self._turns, self._answers
-        correct = [
-            i < len(answers) and answer_ok(answers[i], t["expected"]) for i, t in enumerate(turns)
-        ]
-        state_match = _snapshot(self._state) == turns[-1]["state"]
-        success = all(correct) and state_match
-        first_failing = None
-        if not success:
-            first_failing = next(
-                i for i, t in enumerate(turns) if not correct[i] or self._snapshots[i] != t["state"]
-            )
-        info = {
-            "success": success,
-            "first_failing_turn": first_failing,
-            "n_calls": self._n_calls,
-            "n_errors": self._n_errors,
-            "n_turns": len(turns),
-            "turns_answered": len(answers),
-            "answers_correct": correct,
-            "state_match": state_match,
-        }
-        return float(success), info
-
 
 # ---------------------------------------------------------------------------------------------
 # Task generation: a builder grows the world as templates ask for entities, and runs the expert's
@@ -410,8 +66,8 @@ class _Builder:
         self.rng = rng
         self.people = OOD_PEOPLE if ood else PEOPLE
         self.cities = OOD_CITIES if ood else CITIES
-        self.world = _empty_world()  # the initial world, never changed by calls
-        self.live = _empty_world()  # the world the expert's calls run on
+        self.world = empty_world()  # the initial world, never changed by calls
+        self.live = empty_world()  # the world the expert's calls run on
         self.calls: list[dict] = []
         self.families: set[str] = set()
         self._ids: set[str] = set()
@@ -430,11 +86,11 @@ class _Builder:
         return self.rng.choice(options)
 
     def call(self, name: str, /, **arguments: Any) -> dict:
-        result = execute(self.live, set(_IMPLS), name, arguments)
+        result = execute(self.live, set(TOOLS), name, arguments)
         if "error" in result:
             raise RuntimeError(f"template bug: expert call {name} failed: {result['error']}")
         self.calls.append({"name": name, "arguments": arguments, "result": result})
-        self.families.add(_FAMILY_OF[name])
+        self.families.add(FAMILY_OF[name])
         return result
 
     def city(self, exclude: tuple[str, ...] = ()) -> str:
@@ -979,8 +635,8 @@ def _draw_content(rng: random.Random, ood: bool) -> dict:
     state = copy.deepcopy(b.world)
     for turn in turns:
         for c in turn["calls"]:
-            execute(state, set(_IMPLS), c["name"], c["arguments"])
-        turn["state"] = _snapshot(state)
+            execute(state, set(TOOLS), c["name"], c["arguments"])
+        turn["state"] = snapshot(state)
 
     families = [f for f in families_pool if f in b.families]
     unused = [f for f in families_pool if f not in b.families]
@@ -1005,86 +661,17 @@ def _held_out(turns: list[dict]) -> bool:
     return int.from_bytes(digest[:8], "big") % _HELD_OUT_EVERY == 0
 
 
-def system_prompt(fmt: str, tools: list[dict]) -> str:
-    """The fixed instruction line followed by the format's tool list and call example."""
-    return f"{INSTRUCTION}\n{get_format(fmt).render_tools(tools)}"
+def draw(stream: str, seed: int, index: int) -> dict:
+    """Content of task `index` of `stream` (train | held_out | content_ood) for `seed`.
 
-
-class SyntheticWorld:
-    """Task source for the synthetic tool world."""
-
-    splits = ("train", "test", "format_ood", "content_ood")
-
-    name = "synthetic"
-
-    def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
-        """The first `n` tasks of `split`; deterministic, and a prefix of any longer request."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-        # test and format_ood draw from one stream, so format_ood task i is test task i re-written.
-        stream = {"train": "train", "test": "held_out", "format_ood": "held_out"}.get(split, split)
-        fmt = "pythonic" if split == "format_ood" else "hermes"
-        return [self._task(split, stream, fmt, seed, i) for i in range(n)]
-
-    def _task(self, split: str, stream: str, fmt: str, seed: int, index: int) -> Task:
-        rng = random.Random(f"synthetic/{stream}/{seed}/{index}")
-        ood = stream == "content_ood"
-        while True:
-            content = _draw_content(rng, ood)
-            # A content hash, not the seed, decides train vs held out, so equal draws cannot land
-            # in both; content_ood has its own pools and needs no such split.
-            if ood or _held_out(content["turns"]) == (stream == "held_out"):
-                break
-        turns, form = content["turns"], get_format(fmt)
-        expert = [
-            [form.render_calls([ToolCall(c["name"], c["arguments"])]) for c in t["calls"]]
-            + [t["answer"]]
-            for t in turns
-        ]
-        hint = " Next question: ".join(t["hint"] for t in turns)
-        task_id = (
-            f"synthetic/{split}/{index:05d}"
-            if seed == 0
-            else f"synthetic/{split}/s{seed}/{index:05d}"
-        )
-        return Task(
-            id=task_id,
-            split=split,
-            messages=[
-                {"role": "system", "content": system_prompt(fmt, content["tools"])},
-                {"role": "user", "content": turns[0]["question"]},
-            ],
-            tools=content["tools"],
-            fmt=fmt,
-            expert=expert,
-            hint=hint,
-            meta={
-                "seed": seed,
-                "world": content["world"],
-                "turns": turns,
-                "families": content["families"],
-            },
-        )
-
-    def make_env(self) -> SyntheticEnv:
-        """A fresh environment; `reset(task)` loads a task's world."""
-        return SyntheticEnv()
-
-    def tokenizer_corpus(self, n_tasks: int = 2000, seed: int = 0) -> list[str]:
-        """Plain text pieces of `n_tasks` train tasks for fitting a tokenizer (no chat tokens).
-
-        Holds system prompts in both formats, user questions, expert messages with the calls in
-        both syntaxes, and tool results.
-        """
-        pythonic = get_format("pythonic")
-        corpus = []
-        for task in self.tasks("train", n_tasks, seed):
-            corpus.append(task.messages[0]["content"])
-            corpus.append(system_prompt("pythonic", task.tools))
-            for turn, messages in zip(task.meta["turns"], task.expert, strict=True):
-                corpus.append(turn["question"])
-                corpus.extend(messages)
-                for c in turn["calls"]:
-                    corpus.append(pythonic.render_calls([ToolCall(c["name"], c["arguments"])]))
-                    corpus.append(dumps(c["result"]))
-        return corpus
+    Deterministic in its arguments: one random stream per task, so task i does not depend on how
+    many tasks are drawn.
+    """
+    rng = random.Random(f"synthetic/{stream}/{seed}/{index}")
+    ood = stream == "content_ood"
+    while True:
+        content = _draw_content(rng, ood)
+        # A content hash, not the seed, decides train vs held out, so equal draws cannot land in
+        # both; content_ood has its own pools and needs no such split.
+        if ood or _held_out(content["turns"]) == (stream == "held_out"):
+            return content
