@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,31 @@ def train(
     config: Config | dict | str | Path | None = None,
     overrides: list[str] | None = None,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run SFT then RL as configured; returns the run summary (also in run_dir/summary.json)."""
+    """Run SFT then RL as configured; returns the run summary (also in run_dir/summary.json).
+
+    The run directory is checked first (`fastrl.train.run_dir`): one that holds anything is
+    refused without `resume` (continue its latest checkpoint; `"auto"`: or start fresh where
+    there is nothing to continue) or `overwrite` (move it aside); a resumed run may change only
+    the keys of `RESUMABLE_KEYS` and `rl.steps`. SIGINT/SIGTERM stop the run at the next step with
+    a checkpoint (`fastrl.train.signals.Interrupted`).
+    """
+    from fastrl.algo.schedule import build_plan
+    from fastrl.train.run_dir import claim_run_dir, resume_changes
     from fastrl.train.trainer import train as run
 
-    return run(load_config(config, overrides), resume=resume)
+    cfg = load_config(config, overrides)
+    if os.environ.get("RANK", "0") == "0":  # one process checks; torchrun stops the others
+        resume = claim_run_dir(cfg.run_dir, resume, overwrite)
+        if resume:
+            resume_changes(cfg.run_dir, cfg, phases=len(build_plan(cfg)))
+    else:
+        from fastrl.train.checkpoint import latest_checkpoint
+
+        resume = bool(resume) and latest_checkpoint(cfg.run_dir) is not None
+    return run(cfg, resume=resume)
 
 
 def evaluate(

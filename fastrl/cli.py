@@ -22,7 +22,20 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="SFT then RL as configured")
     t.add_argument("--config", help="YAML config (defaults: the built-in demo)")
     t.add_argument(
-        "--resume", action="store_true", help="continue from run_dir's latest checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue run_dir's latest checkpoint (exit 2 when there is none)",
+    )
+    t.add_argument(
+        "--resume-if-any",
+        action="store_true",
+        help="continue run_dir's latest checkpoint if there is one, else start fresh",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train into a run_dir that holds an earlier run: it is moved aside to "
+        "RUN_DIR.old-<time> first (without this, a non-empty run_dir is refused)",
     )
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.lr=1e-5 run_dir=runs/x")
 
@@ -57,7 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("overrides", nargs="*", help="dotted config overrides")
 
-    d = sub.add_parser("demo", help="the main job on the built-in default; prints a JSON summary")
+    d = sub.add_parser(
+        "demo",
+        help="the main job on the built-in default; prints a JSON summary (into runs/demo, or "
+        "runs/demo-N when that holds an earlier run)",
+    )
     d.add_argument("overrides", nargs="*", help="dotted config overrides")
 
     r = sub.add_parser("report", help="plots and an HTML page from a run directory's metrics")
@@ -100,7 +117,25 @@ def run_bench(name: str | None, args: list[str]) -> int:
     return subprocess.call([sys.executable, str(BENCH_DIR / f"bench_{name}.py"), *args])
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted `fastrl train ARGV...`."""
+    args = [a for a in argv if a not in ("--overwrite", "--resume-if-any")]
+    if "--resume" not in args:
+        args.append("--resume")
+    return " ".join(["fastrl", *args])
+
+
+def free_run_dir(base: str = "runs/demo") -> str:
+    """`base` when it is empty or missing, else the first `base-N` (N = 2, 3, ...) that is."""
+    n, path = 1, Path(base)
+    while path.exists() and (not path.is_dir() or any(path.iterdir())):
+        n += 1
+        path = Path(f"{base}-{n}")
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.verb == "bench":
         return run_bench(args.name, args.args)
@@ -111,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from fastrl.api import ReplayError, evaluate, train
     from fastrl.config import ConfigError
+    from fastrl.train.signals import Interrupted
 
     errors: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError, ReplayError)
     if args.verb == "report":
@@ -121,9 +157,15 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = write_report(args.run_dir)
         elif args.verb == "train":
-            summary = train(args.config, args.overrides, resume=args.resume)
+            if args.resume and args.resume_if_any:
+                raise ConfigError("--resume and --resume-if-any: pass one of them")
+            resume = "auto" if args.resume_if_any else args.resume
+            summary = train(args.config, args.overrides, resume=resume, overwrite=args.overwrite)
         elif args.verb == "demo":
-            summary = train(None, args.overrides)
+            overrides = args.overrides
+            if not any(o.startswith("run_dir=") for o in overrides):
+                overrides = [f"run_dir={free_run_dir()}", *overrides]
+            summary = train(None, overrides)
         else:
             summary = evaluate(
                 args.split,
@@ -141,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     except errors as e:
         print(f"fastrl: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        again = f"; resume with: {resume_command(argv)}" if e.checkpoint is not None else ""
+        print(f"fastrl: {e}{again}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last checkpoint intact
+        print("fastrl: interrupted; the last checkpoint stays intact", file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the summary is printed once
         print(json.dumps(summary))
     return 0

@@ -390,8 +390,11 @@ class Config:
     run_dir: str = "runs/demo"
     # Global seed (sampling, data order).
     seed: int = 0
-    # Write a checkpoint every N optimizer steps and at each phase end; 0: phase ends only.
-    checkpoint_every: int = 0
+    # Checkpoints bound the work a kill loses: one at each phase end, one every N optimizer steps
+    # of a phase, and one when `checkpoint_minutes` have passed since the last (whichever comes
+    # first; 0 turns either off). A tiny model's checkpoint takes well under a second.
+    checkpoint_every: int = 200
+    checkpoint_minutes: float = 1.5
     # Keep this many most recent checkpoints.
     keep_checkpoints: int = 2
     # Show a progress bar on stderr.
@@ -497,6 +500,7 @@ class Config:
             ),
             ("eval.every", self.eval.every >= 0, ">= 0"),
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
+            ("checkpoint_minutes", self.checkpoint_minutes >= 0, ">= 0"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
             ("threads", self.threads >= 0, ">= 0"),
         ]

@@ -363,3 +363,49 @@ def test_sigkill_once_a_checkpoint_exists_then_resume_finishes(tmp_path):
     for (name, a), (_, b) in zip(model.state_dict().items(), final.state_dict().items()):
         assert torch.equal(a, b), name
     assert load_tokenizer(last).encode("<tool_call>", add_special_tokens=False) == [3]
+
+
+def test_sigint_and_sigterm_stop_at_a_step_with_a_checkpoint_and_resume_continues(tmp_path):
+    """A real process: SIGINT stops it after the step in flight with a checkpoint of that step,
+    one line on stderr naming the resume command, nothing on stdout, exit 130; SIGTERM the same
+    with 143; the resumed run writes every step once and prints one JSON line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastrl", "train", "--config", "configs/smoke.yaml",
+           f"run_dir={run}", "sft.steps=40", "checkpoint_every=0", "checkpoint_minutes=0",
+           "eval.splits=[test]"]  # fmt: skip
+    metrics = run / "metrics.jsonl"
+
+    def interrupt(args, sig, after_rows):
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while not metrics.exists() or len(metrics.read_text().splitlines()) < after_rows:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.05)
+        os.kill(proc.pid, sig)
+        out, err = proc.communicate(timeout=300)
+        return proc.returncode, out, err
+
+    code, out, err = interrupt(cmd, signal.SIGINT, after_rows=3)
+    assert code == 130 and out == "", err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fastrl: stopped by SIGINT after step ") and "Traceback" not in err
+    step = int(last.split("after step ")[1].split(";")[0])
+    assert f"resume with: fastrl {' '.join(cmd[3:])} --resume" in last
+    assert (run / "checkpoints" / f"step_{step:06d}").is_dir()
+    assert len(metrics.read_text().splitlines()) == step
+
+    code, out, err = interrupt(cmd + ["--resume"], signal.SIGTERM, after_rows=step + 3)
+    assert code == 143 and out == "", err[-2000:]
+    assert "stopped by SIGTERM" in err.strip().splitlines()[-1]
+
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (line,) = done.stdout.splitlines()
+    assert json.loads(line)["rl_success"] is not None
+    assert [r["step"] for r in _rows(run)] == list(range(1, 40 + 2 + 1))  # every step once
