@@ -1,9 +1,9 @@
-"""Triton token statistics and fused LM head against float64 and the torch reference.
+"""`fastrl.ops.token_logprobs`: the torch reference and the Triton kernels against float64.
 
-Runs the kernels under the Triton interpreter on CPU tensors: `TRITON_INTERPRET=1` is set before
-triton is imported (Triton decides interpreted vs compiled when a kernel is decorated), then
-removed again if this module set it, so that other test modules see the environment they expect;
-the tests here that go through the dispatcher set it back with monkeypatch.
+The Triton kernels run under the Triton interpreter on CPU tensors: `TRITON_INTERPRET=1` is set
+before triton is imported (Triton decides interpreted vs compiled when a kernel is decorated),
+then removed again if this module set it, so that other test modules see the environment they
+expect; the tests here set it back with monkeypatch. The dispatcher's tests are here too.
 """
 
 from __future__ import annotations
@@ -14,17 +14,18 @@ _SET_INTERPRET = "TRITON_INTERPRET" not in os.environ
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib  # noqa: E402
+import logging  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed: no Triton kernels to test")
 
 import fastrl.triton_kernels  # noqa: E402
-from fastrl.triton_kernels import fused_linear as fl  # noqa: E402
 from fastrl.triton_kernels import logprobs as lp  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
@@ -34,7 +35,6 @@ from fastrl.ops import reference  # noqa: E402
 if not isinstance(lp._token_stats_fwd_kernel, InterpretedFunction):
     # Imported earlier without the interpreter (compiled kernels cannot take CPU tensors).
     lp = importlib.reload(lp)
-    fl = importlib.reload(fl)
     importlib.reload(fastrl.triton_kernels)
 if _SET_INTERPRET:
     del os.environ["TRITON_INTERPRET"]
@@ -43,34 +43,46 @@ IGNORE = -100
 
 
 @pytest.fixture(autouse=True)
-def _interpreter_and_poisoned_outputs(monkeypatch):
-    """Interpreter on; every buffer the ops allocate is filled with NaN (catches unwritten data)."""
+def _backends(monkeypatch):
+    """`fastrl.ops` on the torch reference unless a test forces another backend; the Triton
+    interpreter on, and every buffer the kernels allocate filled with NaN (catches unwritten
+    data)."""
+    monkeypatch.setenv("FASTRL_BACKEND", "torch")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
     def poisoned(shape, dtype, device):
         return torch.full(shape, math.nan, dtype=dtype, device=device)
 
     monkeypatch.setattr(lp, "_empty", poisoned)
-    monkeypatch.setattr(fl, "_empty", poisoned)
 
 
-def make_labels(n: int, vocab: int, gen: torch.Generator, ignore: str) -> torch.Tensor:
-    labels = torch.randint(0, vocab, (n,), generator=gen)  # [N]
-    if ignore == "all":
-        labels.fill_(IGNORE)
-    elif ignore == "some":
-        labels[1::3] = IGNORE
-    return labels
-
-
-def f64_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float, control_ids):
-    """Float64 log_softmax reference: logprobs (N,), entropy (N,), control probs (N, K)."""
+def naive_token_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """Float64 log_softmax reference: logprobs (N,), entropy (N,), probs (N, V)."""
     logp = torch.log_softmax(logits.double() / temperature, dim=-1)  # [N, V]
     valid = labels != IGNORE  # [N]
     label_logp = logp.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)  # [N]
     entropy = -(logp.exp() * logp).sum(dim=-1)  # [N]
-    control = logp.exp()[:, control_ids] if control_ids is not None else None  # [N, K]
-    return torch.where(valid, label_logp, 0.0), torch.where(valid, entropy, 0.0), control
+    return (
+        torch.where(valid, label_logp, 0.0),
+        torch.where(valid, entropy, 0.0),
+        logp.exp(),
+    )
+
+
+def f64_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float, control_ids):
+    """`naive_token_stats` with the probabilities of `control_ids` only (N, K), or None."""
+    logp, entropy, probs = naive_token_stats(logits, labels, temperature)
+    return logp, entropy, probs[:, control_ids] if control_ids is not None else None
+
+
+def make_labels(n: int, vocab: int, gen: torch.Generator, ignore: str = "some", every: int = 4):
+    """Random labels with every `every`-th row ignored ("some"), none or all of them."""
+    labels = torch.randint(0, vocab, (n,), generator=gen)  # [N]
+    if ignore == "all":
+        labels.fill_(IGNORE)
+    elif ignore == "some":
+        labels[1::every] = IGNORE
+    return labels
 
 
 def loss_of(stats, w_lp: torch.Tensor | None, w_h: torch.Tensor | None) -> torch.Tensor:
@@ -88,7 +100,171 @@ def close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float
 
 
 # --------------------------------------------------------------------------------------------
-# token_logprobs
+# Torch reference (through fastrl.ops)
+# --------------------------------------------------------------------------------------------
+
+# (dtype, atol, rtol) of forward statistics and of the logits gradient. Outputs are fp32 whatever
+# the input dtype, and the reference is computed from the same (upcast) input values, so only
+# the bf16 gradient, which is rounded to bf16, needs a looser tolerance.
+DTYPES = [
+    (torch.float32, 2e-5, 1e-5, 1e-6, 1e-4),
+    (torch.bfloat16, 2e-5, 1e-5, 1e-3, 1e-2),
+]
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (5, 33), (17, 1000), (64, 257)])
+@pytest.mark.parametrize(("dtype", "atol", "rtol", "grad_atol", "grad_rtol"), DTYPES)
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_token_logprobs_matches_float64(
+    monkeypatch, shape, dtype, atol, rtol, grad_atol, grad_rtol, temperature
+):
+    n, vocab = shape
+    # about three rows per chunk, so chunk boundaries are crossed whenever N > 3
+    monkeypatch.setattr(reference, "CHUNK_BYTES", 3 * vocab * 4)
+    gen = torch.Generator().manual_seed(n * vocab)
+    logits = (torch.randn(n, vocab, generator=gen) * 4).to(dtype).requires_grad_()  # [N, V]
+    labels = make_labels(n, vocab, gen)  # [N]
+    control_ids = [0, vocab // 2, vocab - 1]
+
+    stats = ops.token_logprobs(
+        logits, labels, temperature=temperature, control_ids=control_ids, ignore_index=IGNORE
+    )
+
+    exact = logits.detach().double().requires_grad_()  # [N, V]
+    ref_logp, ref_ent, ref_probs = naive_token_stats(exact, labels, temperature)
+    assert stats.logprobs.dtype == stats.entropy.dtype == torch.float32
+    torch.testing.assert_close(stats.logprobs.double(), ref_logp, atol=atol, rtol=rtol)
+    torch.testing.assert_close(stats.entropy.double(), ref_ent, atol=atol, rtol=rtol)
+    torch.testing.assert_close(
+        stats.control_probs.double(), ref_probs[:, control_ids], atol=1e-6, rtol=1e-5
+    )
+    assert not stats.control_probs.requires_grad
+
+    w_logp = torch.randn(n, generator=gen, dtype=torch.float64)  # [N]
+    w_ent = torch.randn(n, generator=gen, dtype=torch.float64)  # [N]
+    ((stats.logprobs * w_logp.float()).sum() + (stats.entropy * w_ent.float()).sum()).backward()
+    ((ref_logp * w_logp).sum() + (ref_ent * w_ent).sum()).backward()
+    assert logits.grad.dtype == dtype
+    torch.testing.assert_close(logits.grad.double(), exact.grad, atol=grad_atol, rtol=grad_rtol)
+    ignored = labels == IGNORE  # [N]
+    assert torch.all(logits.grad[ignored] == 0)
+
+
+def test_token_logprobs_all_rows_ignored():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 11, generator=gen).requires_grad_()  # [N, V]
+    labels = torch.full((6,), IGNORE)  # [N]
+    stats = ops.token_logprobs(logits, labels)
+    assert torch.all(stats.logprobs == 0) and torch.all(stats.entropy == 0)
+    (stats.logprobs.sum() + stats.entropy.sum()).backward()
+    assert torch.all(logits.grad == 0)
+
+
+def test_token_logprobs_without_entropy():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(9, 31, generator=gen).requires_grad_()  # [N, V]
+    labels = make_labels(9, 31, gen)  # [N]
+    stats = ops.token_logprobs(logits, labels, with_entropy=False, temperature=1.3)
+    assert stats.entropy is None and stats.control_probs is None
+    exact = logits.detach().double().requires_grad_()
+    ref_logp, _, _ = naive_token_stats(exact, labels, 1.3)
+    stats.logprobs.sum().backward()
+    ref_logp.sum().backward()
+    torch.testing.assert_close(stats.logprobs.double(), ref_logp, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(logits.grad.double(), exact.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [50.0, 1e3, 1e4])
+def test_token_logprobs_large_logits(scale):
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(12, 129, generator=gen) * scale).requires_grad_()  # [N, V]
+    labels = make_labels(12, 129, gen)  # [N]
+    stats = ops.token_logprobs(logits, labels, temperature=0.7)
+    exact = logits.detach().double().requires_grad_()
+    ref_logp, ref_ent, _ = naive_token_stats(exact, labels, 0.7)
+    (stats.logprobs.sum() + stats.entropy.sum()).backward()
+    (ref_logp.sum() + ref_ent.sum()).backward()
+    # fp32 logits of magnitude `scale` carry an absolute rounding error of about scale * 6e-8
+    tol = scale * 1e-6
+    torch.testing.assert_close(stats.logprobs.double(), ref_logp, atol=tol, rtol=1e-6)
+    torch.testing.assert_close(stats.entropy.double(), ref_ent, atol=tol, rtol=1e-5)
+    assert torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(logits.grad.double(), exact.grad, atol=tol, rtol=1e-4)
+
+
+def test_token_logprobs_masked_vocabulary_is_finite():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 17, generator=gen)  # [N, V]
+    logits[:, 3:9] = float("-inf")
+    logits.requires_grad_()
+    labels = torch.tensor([0, 1, 2, 9, 16])  # [N]
+    stats = ops.token_logprobs(logits, labels)
+    (stats.logprobs.sum() + stats.entropy.sum()).backward()
+    kept = torch.cat([logits.detach()[:, :3], logits.detach()[:, 9:]], dim=1)  # [N, V - 6]
+    ref_logp, ref_ent, _ = naive_token_stats(kept, torch.tensor([0, 1, 2, 3, 10]), 1.0)
+    torch.testing.assert_close(stats.logprobs.double(), ref_logp, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(stats.entropy.double(), ref_ent, atol=2e-6, rtol=1e-5)
+    assert torch.isfinite(logits.grad).all() and torch.all(logits.grad[:, 3:9] == 0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_entropy_gradient_at_minus_inf_logits_is_zero_for_any_weight(backend, monkeypatch):
+    """A loss weighting the entropy by more than 1 (here 2) once gave NaN at -inf logits on the
+    torch backend; the gradient there is 0, and elsewhere the float64 one."""
+    monkeypatch.setenv("FASTRL_BACKEND", backend)
+    logits = torch.tensor([[0.0, float("-inf"), 1.0], [0.3, -0.7, float("-inf")]])  # [N, V]
+    labels = torch.tensor([0, 1])  # [N]
+    logits.requires_grad_()
+    stats = ops.token_logprobs(logits, labels)
+    (2.0 * stats.entropy.sum() - 3.0 * stats.logprobs.sum()).backward()
+    exact = logits.detach().double().clone()
+    kept = torch.isfinite(exact)
+    z = torch.where(kept, exact, 0.0).requires_grad_()
+    logp = torch.log_softmax(z.masked_fill(~kept, float("-inf")), dim=-1)  # [N, V]
+    entropy = -(logp.exp() * torch.where(kept, logp, 0.0)).sum(dim=-1)  # [N]
+    (2.0 * entropy.sum() - 3.0 * logp.gather(1, labels[:, None]).sum()).backward()
+    assert torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(logits.grad.double(), torch.where(kept, z.grad, 0.0), atol=1e-5,
+                               rtol=1e-5)  # fmt: skip
+    assert logits.grad[0, 1] == 0 and logits.grad[1, 2] == 0
+
+
+def test_token_logprobs_never_allocates_full_fp32_logits(monkeypatch):
+    n, vocab = 4096, 8192
+    full_fp32_bytes = n * vocab * 4
+    monkeypatch.setattr(reference, "CHUNK_BYTES", 8 * 2**20)  # chunks of 256 rows
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(n, vocab, generator=gen, dtype=torch.bfloat16).requires_grad_()
+    labels = make_labels(n, vocab, gen)  # [N]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as forward:
+        stats = ops.token_logprobs(logits, labels, control_ids=[7])
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as backward:
+        (stats.logprobs.sum() + stats.entropy.sum()).backward()
+    # an fp32 copy of the logits would be one allocation of `full_fp32_bytes`; the backward's
+    # largest allocation is the bf16 gradient itself
+    assert 0 < max(event.cpu_memory_usage for event in forward.events()) < full_fp32_bytes // 4
+    assert max(event.cpu_memory_usage for event in backward.events()) <= n * vocab * 2
+    rows = slice(0, 600)  # spans three chunks
+    exact = logits.detach()[rows].double().requires_grad_()
+    ref_logp, ref_ent, ref_probs = naive_token_stats(exact, labels[rows], 1.0)
+    (ref_logp.sum() + ref_ent.sum()).backward()
+    torch.testing.assert_close(stats.logprobs[rows].double(), ref_logp, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.entropy[rows].double(), ref_ent, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        stats.control_probs[rows].double(), ref_probs[:, [7]], atol=1e-7, rtol=1e-5
+    )
+    torch.testing.assert_close(logits.grad[rows].double(), exact.grad, atol=1e-3, rtol=1e-2)
+
+
+def test_token_logprobs_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="labels"):
+        ops.token_logprobs(torch.randn(4, 5), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        ops.token_logprobs(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), temperature=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
 # --------------------------------------------------------------------------------------------
 
 TOKEN_CASES = {
@@ -102,11 +278,11 @@ TOKEN_CASES = {
 
 
 @pytest.mark.parametrize("case", list(TOKEN_CASES))
-def test_token_logprobs_forward_backward(case):
+def test_triton_token_logprobs_forward_backward(case):
     n, vocab, dtype, temperature, scale, ignore = TOKEN_CASES[case]
     gen = torch.Generator().manual_seed(list(TOKEN_CASES).index(case))
     logits = (torch.randn(n, vocab, generator=gen) * scale).clamp(-scale, scale).to(dtype)
-    labels = make_labels(n, vocab, gen, ignore)
+    labels = make_labels(n, vocab, gen, ignore, every=3)
     label0 = 7 if ignore == "all" else int(labels[0])
     control_ids = [0, label0, vocab - 1]
     w_lp, w_h = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
@@ -143,11 +319,11 @@ def test_token_logprobs_forward_backward(case):
 
 
 @pytest.mark.parametrize("which", ["logprobs-only", "entropy-only", "no-entropy"])
-def test_token_logprobs_partial_gradients(which):
+def test_triton_token_logprobs_partial_gradients(which):
     gen = torch.Generator().manual_seed(1)
     n, vocab, temperature = 6, 997, 0.7
     logits = torch.randn(n, vocab, generator=gen) * 5  # [N, V]
-    labels = make_labels(n, vocab, gen, "some")
+    labels = make_labels(n, vocab, gen, "some", every=3)
     w = torch.randn(n, generator=gen)
     with_entropy = which != "no-entropy"
     w_lp = None if which == "entropy-only" else w
@@ -166,11 +342,11 @@ def test_token_logprobs_partial_gradients(which):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_token_logprobs_inplace_backward(dtype):
+def test_triton_token_logprobs_inplace_backward(dtype):
     gen = torch.Generator().manual_seed(2)
     n, vocab = 7, 997
     leaf = (torch.randn(n, vocab, generator=gen) * 8).to(dtype).requires_grad_()
-    labels = make_labels(n, vocab, gen, "some")
+    labels = make_labels(n, vocab, gen, "some", every=3)
     w_lp, w_h = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
 
     expected = reference.token_logprobs(leaf, labels, temperature=0.7)
@@ -192,18 +368,18 @@ def test_token_logprobs_inplace_backward(dtype):
         (out.logprobs.sum() + squared).backward()
 
 
-def test_block_size_leaves_tails():
+def test_triton_block_size_leaves_tails():
     cpu = torch.device("cpu")
     assert lp.block_size(997, cpu) < 997 and 997 % lp.block_size(997, cpu)
     assert lp.block_size(100, cpu) == 128
     assert lp.block_size(151_936, torch.device("cuda")) == lp.GPU_BLOCK_V
 
 
-def test_token_logprobs_strided_logits():
+def test_triton_token_logprobs_strided_logits():
     gen = torch.Generator().manual_seed(4)
     n, vocab = 5, 997
     wide = torch.randn(n, vocab + 50, generator=gen) * 4  # rows of a wider buffer
-    labels = make_labels(n, vocab, gen, "some")
+    labels = make_labels(n, vocab, gen, "some", every=3)
     column_major = wide[:, :vocab].T.contiguous().T  # non-unit column stride: copied by the op
     for layout in (wide[:, :vocab], column_major):
         out = lp.token_logprobs(layout, labels, control_ids=[5])
@@ -218,7 +394,7 @@ def test_token_logprobs_strided_logits():
     close(x.grad, x64.grad, atol=1e-5)
 
 
-def test_token_logprobs_input_errors():
+def test_triton_token_logprobs_input_errors():
     logits, labels = torch.randn(3, 50), torch.zeros(3, dtype=torch.long)
     with pytest.raises(ValueError, match="logits must have shape"):
         lp.token_logprobs(logits[0], labels)
@@ -233,122 +409,57 @@ def test_token_logprobs_input_errors():
 
 
 # --------------------------------------------------------------------------------------------
-# fused_linear_token_logprobs
-# --------------------------------------------------------------------------------------------
-
-FUSED_CASES = {
-    # name: (rows, hidden, vocab, dtype, temperature, ignore, chunk_size, train_weight)
-    "fp32-chunked": (37, 32, 997, torch.float32, 0.7, "some", 16, True),
-    "single-row": (1, 16, 997, torch.float32, 1.0, "none", None, True),
-    "bf16-frozen-weight": (20, 16, 997, torch.bfloat16, 1.0, "some", 8, False),
-    "all-ignored": (6, 16, 300, torch.float32, 1.0, "all", 4, True),
-}
-
-
-@pytest.mark.parametrize("case", list(FUSED_CASES))
-def test_fused_linear_forward_backward(case):
-    n, hdim, vocab, dtype, temperature, ignore, chunk, train_weight = FUSED_CASES[case]
-    gen = torch.Generator().manual_seed(list(FUSED_CASES).index(case))
-    hidden = torch.randn(n, hdim, generator=gen).to(dtype)
-    weight = (torch.randn(vocab, hdim, generator=gen) * 0.5).to(dtype)
-    labels = make_labels(n, vocab, gen, ignore)
-    control_ids = [3, 7 if ignore == "all" else int(labels[0]), vocab - 1]
-    w_lp, w_h = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
-    kw = dict(temperature=temperature, control_ids=control_ids, chunk_size=chunk)
-
-    def run(fn, h_dtype):
-        h = hidden.to(h_dtype, copy=True).requires_grad_()
-        w = weight.to(h_dtype, copy=True).requires_grad_(train_weight)
-        out = fn(h, w, labels)
-        loss_of(out[:2], w_lp, w_h).backward()
-        return out, h.grad, w.grad
-
-    def fused(h, w, y):
-        s = fl.fused_linear_token_logprobs(h, w, y, **kw)
-        return s.logprobs, s.entropy, s.control_probs
-
-    def ref(h, w, y):
-        s = reference.fused_linear_token_logprobs(h, w, y, **kw)
-        return s.logprobs, s.entropy, s.control_probs
-
-    def f64(h, w, y):
-        return f64_stats(h @ w.T, y, temperature, control_ids)
-
-    (logp, ent, ctrl), g_hidden, g_weight = run(fused, dtype)
-    assert g_hidden.dtype == dtype and (g_weight is None) == (not train_weight)
-    (rlp, rh, rctrl), r_hidden, r_weight = run(ref, dtype)
-    (elp, eh, ectrl), e_hidden, e_weight = run(f64, torch.float64)
-
-    if dtype == torch.float32:
-        close(logp, elp, atol=2e-4)
-        close(ent, eh, atol=2e-4)
-        close(ctrl, ectrl, atol=1e-6)
-        close(g_hidden, e_hidden, atol=1e-4, rtol=1e-4)
-        close(g_weight, e_weight, atol=1e-4, rtol=1e-4)
-    else:  # the logits are rounded to bf16, as in an unfused bf16 LM head
-        close(logp, elp, atol=0.05, rtol=0.02)
-        close(ent, eh, atol=0.05, rtol=0.02)
-    close(logp, rlp, atol=2e-5)
-    close(ent, rh, atol=2e-5)
-    close(ctrl, rctrl, atol=1e-7)
-    grad_tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.02, rtol=0.02)
-    close(g_hidden, r_hidden, **grad_tol)
-    if train_weight:
-        close(g_weight, r_weight, **grad_tol)
-    ignored = labels == IGNORE
-    assert torch.all(logp[ignored] == 0) and torch.all(ent[ignored] == 0)
-    assert torch.all(g_hidden[ignored] == 0)
-
-
-def test_fused_linear_default_chunk_rows():
-    assert fl.default_chunk_rows(151_936, torch.bfloat16) % 128 == 0
-    assert fl.default_chunk_rows(10**9, torch.float32) == 1
-    with pytest.raises(ValueError, match="chunk_size"):
-        fl.fused_linear_token_logprobs(
-            torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), chunk_size=0
-        )
-
-
-# --------------------------------------------------------------------------------------------
 # Dispatch
 # --------------------------------------------------------------------------------------------
 
 
+def test_dispatch_picks_torch_and_logs_once(monkeypatch, caplog):
+    ops._choose.cache_clear()
+    monkeypatch.setenv("FASTRL_BACKEND", "auto")
+    with caplog.at_level(logging.INFO, logger="fastrl.ops"):
+        assert ops.select_backend("token_logprobs", "cpu") == "torch"
+        assert ops.select_backend("token_logprobs", "cpu") == "torch"
+    assert len([r for r in caplog.records if "token_logprobs" in r.getMessage()]) == 1
+
+
+def test_dispatch_forced_unavailable_backend_raises(monkeypatch):
+    ops._choose.cache_clear()
+    monkeypatch.setenv("FASTRL_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="FASTRL_BACKEND=triton"):
+        ops.token_logprobs(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
+    monkeypatch.setenv("FASTRL_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="FASTRL_BACKEND"):
+        ops.select_backend("pack")
+
+
 def test_dispatch_to_triton(monkeypatch):
-    for op in ("token_logprobs", "fused_linear_token_logprobs"):
-        assert callable(getattr(fastrl.triton_kernels, op, None)), (
-            f"fastrl.triton_kernels must export {op} (triton_kernels/__init__.py)"
-        )
+    assert callable(getattr(fastrl.triton_kernels, "token_logprobs", None)), (
+        "fastrl.triton_kernels must export token_logprobs (triton_kernels/__init__.py)"
+    )
     monkeypatch.setenv("FASTRL_BACKEND", "triton")
     calls = []
+    impl = fastrl.triton_kernels.token_logprobs
 
-    def spy(name):
-        impl = getattr(fastrl.triton_kernels, name)
+    def spy(*args, **kwargs):
+        calls.append("token_logprobs")
+        return impl(*args, **kwargs)
 
-        def wrapper(*args, **kwargs):
-            calls.append(name)
-            return impl(*args, **kwargs)
-
-        monkeypatch.setattr(fastrl.triton_kernels, name, wrapper)
-
-    spy("token_logprobs")
-    spy("fused_linear_token_logprobs")
+    monkeypatch.setattr(fastrl.triton_kernels, "token_logprobs", spy)
     ops._choose.cache_clear()
     try:
         assert ops.select_backend("token_logprobs", "cpu") == "triton"
-        assert ops.select_backend("fused_linear_token_logprobs", "cpu") == "triton"
         gen = torch.Generator().manual_seed(3)
-        hidden, weight = torch.randn(3, 8, generator=gen), torch.randn(40, 8, generator=gen)
+        logits = torch.randn(3, 8, generator=gen) @ torch.randn(40, 8, generator=gen).T
         labels = torch.tensor([1, IGNORE, 39])
-        stats = ops.token_logprobs(hidden @ weight.T, labels, control_ids=[1])
-        fused = ops.fused_linear_token_logprobs(hidden, weight, labels, chunk_size=2)
-        expected = reference.token_logprobs(hidden @ weight.T, labels, control_ids=[1])
+        stats = ops.token_logprobs(logits, labels, control_ids=[1])
+        expected = reference.token_logprobs(logits, labels, control_ids=[1])
         close(stats.logprobs, expected.logprobs, atol=1e-5)
-        close(fused.entropy, expected.entropy, atol=1e-5)
+        close(stats.entropy, expected.entropy, atol=1e-5)
         close(stats.control_probs, expected.control_probs, atol=1e-7)
     finally:
         ops._choose.cache_clear()
-    assert calls == ["token_logprobs", "fused_linear_token_logprobs"]
+    assert calls == ["token_logprobs"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,10 +529,9 @@ import sys
 import torch
 
 from fastrl.ops import reference
-from fastrl.triton_kernels.fused_linear import fused_linear_token_logprobs
 from fastrl.triton_kernels.logprobs import token_logprobs
 
-device, n, vocab, hdim = sys.argv[1], *map(int, sys.argv[2:5])
+device, n, vocab = sys.argv[1], *map(int, sys.argv[2:4])
 gen = torch.Generator(device).manual_seed(0)
 
 
@@ -449,20 +559,6 @@ for dtype, rel in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         check("entropy", out.entropy, ref.entropy, 1e-5)
         check("control", out.control_probs, ref.control_probs, 1e-5)
         check(f"grad {dtype} inplace={inplace}", x.grad, xr.grad, rel)
-    hidden = torch.randn(n, hdim, device=device, generator=gen).to(dtype)
-    weight = (torch.randn(vocab, hdim, device=device, generator=gen) / hdim**0.5).to(dtype)
-    for chunk in (None, 100):
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        hr, wr = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        kw = dict(temperature=0.7, control_ids=ids, chunk_size=chunk)
-        out = fused_linear_token_logprobs(h, w, labels, **kw)
-        ref = reference.fused_linear_token_logprobs(hr, wr, labels, **kw)
-        ((out.logprobs * w_lp).sum() + (out.entropy * w_h).sum()).backward()
-        ((ref.logprobs * w_lp).sum() + (ref.entropy * w_h).sum()).backward()
-        check("fused logprobs", out.logprobs, ref.logprobs, 1e-4)
-        check("fused entropy", out.entropy, ref.entropy, 1e-4)
-        check("fused grad hidden", h.grad, hr.grad, rel)
-        check("fused grad weight", w.grad, wr.grad, rel)
 print("ok")
 """
 
@@ -471,9 +567,8 @@ print("ok")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_kernels_on_cuda():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = ["cuda", "1024", "151936", "1024"]
     result = subprocess.run(
-        [sys.executable, "-c", CUDA_CHECK, *args],
+        [sys.executable, "-c", CUDA_CHECK, "cuda", "1024", "151936"],
         env=env,
         capture_output=True,
         text=True,

@@ -1,7 +1,8 @@
-"""The packed-sequence extension `fastrl._C` (through `fastrl._ext`) against the torch references.
+"""Packing: `fastrl.ops.pack/unpack/position_ids/segment_sum` on the torch reference, and the
+packed-sequence extension `fastrl._C` (through `fastrl._ext`) against the torch references.
 
-Skipped when the extension is not built (`pip install --no-build-isolation -e .` builds it). The
-CPU kernels are checked here: results against `fastrl.ops.reference` and
+The extension's tests are skipped when it is not built (`pip install --no-build-isolation -e .`
+builds it). Its CPU kernels are checked here: results against `fastrl.ops.reference` and
 `fastrl.algo.advantages`, `torch.library.opcheck` (schema, fake kernels, autograd registration,
 AOT dispatch with dynamic shapes), float64 gradcheck and a torch.compile trace. The CUDA kernels
 are compared with the CPU kernels when a GPU and a CUDA build are present.
@@ -21,16 +22,90 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastrl import ops
 from fastrl.algo.advantages import group_advantages
 from fastrl.ops import reference
 
 try:
     from fastrl import _ext
+
+    _EXT_MISSING = ""
 except ImportError as error:  # the extension is optional; fastrl.ops falls back to torch
-    pytest.skip(
-        f"fastrl._C is not built ({error}); build it with `pip install --no-build-isolation -e .`",
-        allow_module_level=True,
+    _ext = None
+    _EXT_MISSING = (
+        f"fastrl._C is not built ({error}); build it with `pip install --no-build-isolation -e .`"
     )
+
+needs_ext = pytest.mark.skipif(_ext is None, reason=_EXT_MISSING)
+
+
+# --------------------------------------------------------------------------------------------
+# fastrl.ops on the torch reference
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    """`fastrl.ops` on the torch reference."""
+    monkeypatch.setenv("FASTRL_BACKEND", "torch")
+
+
+def random_mask(batch: int, length: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, length, generator=gen) < 0.6  # [B, T]
+    mask[1] = False
+    mask[-1] = True
+    return mask
+
+
+@pytest.mark.usefixtures("torch_backend")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pack_unpack_round_trip(seed):
+    mask = random_mask(6, 11, seed)  # [B, T]
+    x = torch.randn(6, 11, 3).requires_grad_()  # [B, T, D]
+    packed, cu_seqlens = ops.pack(x, mask)
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.shape == (7,)
+    torch.testing.assert_close(packed, x[mask])
+    lengths = mask.sum(dim=1)
+    torch.testing.assert_close(cu_seqlens[1:] - cu_seqlens[:-1], lengths.int())
+    packed_static, cu_static = ops.pack(x, mask, total=int(mask.sum()))
+    torch.testing.assert_close(packed_static, packed)
+    torch.testing.assert_close(cu_static, cu_seqlens)
+
+    restored = ops.unpack(packed, cu_seqlens, mask)  # [B, T, D]
+    torch.testing.assert_close(restored, x * mask[..., None])
+    restored.sum().backward()
+    torch.testing.assert_close(x.grad, mask[..., None].float().expand_as(x))
+
+
+@pytest.mark.usefixtures("torch_backend")
+def test_pack_empty_mask():
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    x = torch.randn(3, 5)
+    packed, cu_seqlens = ops.pack(x, mask)
+    assert packed.shape == (0,) and cu_seqlens.tolist() == [0, 0, 0, 0]
+    assert torch.all(ops.unpack(packed, cu_seqlens, mask) == 0)
+
+
+@pytest.mark.usefixtures("torch_backend")
+def test_position_ids_and_segment_sum():
+    mask = random_mask(5, 8, seed=3)  # [B, T]
+    _, cu_seqlens = ops.pack(torch.zeros(5, 8), mask)
+    lengths = mask.sum(dim=1).tolist()
+    expected = torch.cat([torch.arange(n) for n in lengths])
+    torch.testing.assert_close(ops.position_ids(cu_seqlens), expected)
+    torch.testing.assert_close(ops.position_ids(cu_seqlens, total=sum(lengths)), expected)
+
+    values = torch.randn(sum(lengths), dtype=torch.float64)  # [total]
+    sums = ops.segment_sum(values, cu_seqlens)  # [B]
+    expected_sums = torch.stack([chunk.sum() for chunk in values.split(lengths)])
+    torch.testing.assert_close(sums, expected_sums)
+    assert sums[1] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The extension
+# --------------------------------------------------------------------------------------------
 
 MASK_KINDS = ("holes", "left_pad", "empty_rows", "all_empty", "full", "one_row")
 
@@ -67,6 +142,7 @@ def random_values(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> 
 # --------------------------------------------------------------------------------------------
 
 
+@needs_ext
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
 @pytest.mark.parametrize("trailing", [(), (3,), (2, 3)])
@@ -87,6 +163,7 @@ def test_pack_unpack_match_reference(kind, dtype, trailing):
     assert torch.equal(restored, torch.where(keep, x, 0))
 
 
+@needs_ext
 @pytest.mark.parametrize("mask_dtype", [torch.int64, torch.float32, torch.uint8])
 def test_non_bool_masks_and_strided_inputs(mask_dtype):
     mask = make_mask("holes", seed=4)
@@ -97,6 +174,7 @@ def test_non_bool_masks_and_strided_inputs(mask_dtype):
     assert torch.equal(_ext.unpack(packed, cu.long(), mask.to(mask_dtype)), x * mask[..., None])
 
 
+@needs_ext
 def test_pack_total_pads_or_truncates():
     mask = make_mask("holes", seed=2)
     x = random_values((*mask.shape, 2), torch.float32)
@@ -107,6 +185,7 @@ def test_pack_total_pads_or_truncates():
     assert torch.equal(truncated, reference.pack(x, mask, total=count - 2)[0])
 
 
+@needs_ext
 @pytest.mark.parametrize("kind", MASK_KINDS)
 def test_position_ids_match_reference(kind):
     mask = make_mask(kind, seed=1)
@@ -118,6 +197,7 @@ def test_position_ids_match_reference(kind):
         assert torch.equal(_ext.position_ids(cu.long(), given), expected)
 
 
+@needs_ext
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize(
     "dtype, atol, rtol",
@@ -145,6 +225,7 @@ def test_segment_reductions_match_reference(kind, dtype, atol, rtol, trailing):
     assert torch.equal(spread, per_row.repeat_interleave(lengths, dim=0))
 
 
+@needs_ext
 def test_segment_sum_integers():
     mask = make_mask("holes", seed=7)
     cu = _ext.cu_seqlens(mask)
@@ -152,6 +233,7 @@ def test_segment_sum_integers():
     assert torch.equal(_ext.segment_sum(values, cu), reference.segment_sum(values, cu))
 
 
+@needs_ext
 @pytest.mark.parametrize("estimator", ["grpo", "drgrpo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("group_size", [1, 4, 6])
@@ -167,6 +249,7 @@ def test_group_normalize_matches_group_advantages(estimator, dtype, group_size):
     torch.testing.assert_close(result, expected, atol=1e-6, rtol=1e-6)
 
 
+@needs_ext
 def test_group_normalize_trailing_dims_and_errors():
     values = random_values((8, 3), torch.float64, seed=9)  # [N, K]
     result = _ext.group_normalize(values, 4, scale_by_std=True, eps=1e-6)  # [N, K]
@@ -179,6 +262,7 @@ def test_group_normalize_trailing_dims_and_errors():
         _ext.group_normalize(values, 0)
 
 
+@needs_ext
 def test_input_errors():
     mask = make_mask("holes")
     with pytest.raises(RuntimeError, match="does not start with mask's shape"):
@@ -222,12 +306,14 @@ def opcheck_cases() -> list[tuple[str, tuple]]:
     ]
 
 
+@needs_ext
 @pytest.mark.parametrize("case", range(11))
 def test_opcheck(case):
     name, args = opcheck_cases()[case]
     torch.library.opcheck(getattr(torch.ops.fastrl, name).default, args)
 
 
+@needs_ext
 def test_gradcheck_float64():
     mask = make_mask("empty_rows", seed=11, batch=4, length=6)
     cu = _ext.cu_seqlens(mask)
@@ -244,6 +330,7 @@ def test_gradcheck_float64():
     torch.autograd.gradgradcheck(lambda v: _ext.segment_mean(v**2, cu), (packed,))
 
 
+@needs_ext
 def test_gradients_match_reference():
     mask = make_mask("holes", seed=12)
     x = torch.randn(*mask.shape, 3, requires_grad=True)
@@ -258,6 +345,7 @@ def test_gradients_match_reference():
     torch.testing.assert_close(x.grad, ref_x.grad)
 
 
+@needs_ext
 def test_torch_compile_traces_data_dependent_sizes():
     def per_sequence_mean(x, mask):
         packed, cu = torch.ops.fastrl.pack(x, mask)
@@ -275,7 +363,7 @@ def test_torch_compile_traces_data_dependent_sizes():
 
 
 needs_cuda_build = pytest.mark.skipif(
-    not (torch.cuda.is_available() and _ext.has_cuda_kernels()),
+    not (torch.cuda.is_available() and _ext is not None and _ext.has_cuda_kernels()),
     reason="needs a CUDA device and a CUDA build of fastrl._C",
 )
 
