@@ -30,7 +30,7 @@ from fastrl.triton_kernels import logprobs as lp  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from fastrl import ops  # noqa: E402
-from fastrl.ops import reference  # noqa: E402
+from fastrl.ops import ref_logprobs, reference  # noqa: E402
 
 if not isinstance(lp._token_stats_fwd_kernel, InterpretedFunction):
     # Imported earlier without the interpreter (compiled kernels cannot take CPU tensors).
@@ -120,7 +120,7 @@ def test_token_logprobs_matches_float64(
 ):
     n, vocab = shape
     # about three rows per chunk, so chunk boundaries are crossed whenever N > 3
-    monkeypatch.setattr(reference, "CHUNK_BYTES", 3 * vocab * 4)
+    monkeypatch.setattr(ref_logprobs, "CHUNK_BYTES", 3 * vocab * 4)
     gen = torch.Generator().manual_seed(n * vocab)
     logits = (torch.randn(n, vocab, generator=gen) * 4).to(dtype).requires_grad_()  # [N, V]
     labels = make_labels(n, vocab, gen)  # [N]
@@ -232,7 +232,7 @@ def test_entropy_gradient_at_minus_inf_logits_is_zero_for_any_weight(backend, mo
 def test_token_logprobs_never_allocates_full_fp32_logits(monkeypatch):
     n, vocab = 4096, 8192
     full_fp32_bytes = n * vocab * 4
-    monkeypatch.setattr(reference, "CHUNK_BYTES", 8 * 2**20)  # chunks of 256 rows
+    monkeypatch.setattr(ref_logprobs, "CHUNK_BYTES", 8 * 2**20)  # chunks of 256 rows
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(n, vocab, generator=gen, dtype=torch.bfloat16).requires_grad_()
     labels = make_labels(n, vocab, gen)  # [N]

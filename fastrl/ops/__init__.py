@@ -4,7 +4,8 @@ Every function here dispatches to one backend, in this order of preference:
     cuda    the C++/CUDA extension `fastrl._C` through `fastrl._ext` (its CPU kernels serve CPU
             tensors too)
     triton  the Triton kernels `fastrl.triton_kernels` (CUDA tensors, or `TRITON_INTERPRET=1`)
-    torch   the torch references in `fastrl.ops.reference` (always available)
+    torch   the torch references `fastrl.ops.ref_*` gathered in `fastrl.ops.reference` (always
+            available)
 A backend module provides an op by exposing a callable with the op's public name and signature;
 ops a backend does not provide fall back to the torch reference. `FASTRL_BACKEND=torch|triton|cuda`
 forces one backend (`auto`, the default, takes the first that provides the op and can run: Triton
@@ -230,7 +231,7 @@ def policy_loss(
 
     Per token, r = exp(logp − old), pg = max(−A·r, −A·clip(r, 1−clip_low, 1+clip_high)) (and
     pg = min(pg, −A·dual_clip) where A < 0), ℓ = pg + kl_coef·KL − entropy_coef·entropy, reduced
-    by `loss_agg` (see `fastrl.ops.reference.aggregate_loss`). Rows without a loss token are left
+    by `loss_agg` (see `fastrl.ops.ref_policy_loss.aggregate_loss`). Rows without a loss token are left
     out of every row count, `seq-mean-token-sum-norm`'s B included: Σℓm / (B · norm_len) with B
     the rows that have a loss token, as verl does (TRL's `dr_grpo` divides by every row).
 
