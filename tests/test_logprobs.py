@@ -85,6 +85,12 @@ def make_labels(n: int, vocab: int, gen: torch.Generator, ignore: str = "some", 
     return labels
 
 
+def stats_of(fn, *args, control_ids=None, **kwargs) -> ops.TokenStats:
+    """A backend function called as `fastrl.ops` calls it: ids as a tensor, TokenStats back."""
+    ids = None if control_ids is None else torch.tensor(control_ids)
+    return ops.TokenStats(*fn(*args, control_ids=ids, **kwargs))
+
+
 def loss_of(stats, w_lp: torch.Tensor | None, w_h: torch.Tensor | None) -> torch.Tensor:
     """A downstream loss mixing logprob and entropy gradients (either may be left out)."""
     loss = 0.0
@@ -120,7 +126,7 @@ def test_token_logprobs_matches_float64(
 ):
     n, vocab = shape
     # about three rows per chunk, so chunk boundaries are crossed whenever N > 3
-    monkeypatch.setattr(ref_logprobs, "CHUNK_BYTES", 3 * vocab * 4)
+    monkeypatch.setattr(ref_logprobs, "FP32_CHUNK_BYTES", 3 * vocab * 4)
     gen = torch.Generator().manual_seed(n * vocab)
     logits = (torch.randn(n, vocab, generator=gen) * 4).to(dtype).requires_grad_()  # [N, V]
     labels = make_labels(n, vocab, gen)  # [N]
@@ -232,7 +238,7 @@ def test_entropy_gradient_at_minus_inf_logits_is_zero_for_any_weight(backend, mo
 def test_token_logprobs_never_allocates_full_fp32_logits(monkeypatch):
     n, vocab = 4096, 8192
     full_fp32_bytes = n * vocab * 4
-    monkeypatch.setattr(ref_logprobs, "CHUNK_BYTES", 8 * 2**20)  # chunks of 256 rows
+    monkeypatch.setattr(ref_logprobs, "FP32_CHUNK_BYTES", 8 * 2**20)  # chunks of 256 rows
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(n, vocab, generator=gen, dtype=torch.bfloat16).requires_grad_()
     labels = make_labels(n, vocab, gen)  # [N]
@@ -256,11 +262,18 @@ def test_token_logprobs_never_allocates_full_fp32_logits(monkeypatch):
     torch.testing.assert_close(logits.grad[rows].double(), exact.grad, atol=1e-3, rtol=1e-2)
 
 
-def test_token_logprobs_rejects_bad_inputs():
-    with pytest.raises(ValueError, match="labels"):
-        ops.token_logprobs(torch.randn(4, 5), torch.zeros(3, dtype=torch.long))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_token_logprobs_rejects_bad_inputs(backend, monkeypatch):
+    monkeypatch.setenv("FASTRL_BACKEND", backend)
+    logits, labels = torch.randn(3, 50), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="logits must have shape"):
+        ops.token_logprobs(logits[0], labels)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        ops.token_logprobs(logits, labels[:2])
     with pytest.raises(ValueError, match="temperature"):
-        ops.token_logprobs(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), temperature=0.0)
+        ops.token_logprobs(logits, labels, temperature=0.0)
+    with pytest.raises(IndexError, match="control_ids"):
+        ops.token_logprobs(logits, labels, control_ids=[0, 50])
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,7 +302,7 @@ def test_triton_token_logprobs_forward_backward(case):
     kw = dict(temperature=temperature, control_ids=control_ids)
 
     x = logits.clone().requires_grad_()
-    out = lp.token_logprobs(x, labels, **kw)
+    out = stats_of(lp.token_logprobs, x, labels, **kw)
     assert out.logprobs.dtype == out.entropy.dtype == out.control_probs.dtype == torch.float32
     assert out.control_probs.shape == (n, 3) and not out.control_probs.requires_grad
     loss_of((out.logprobs, out.entropy), w_lp, w_h).backward()
@@ -305,7 +318,7 @@ def test_triton_token_logprobs_forward_backward(case):
     close(x.grad, x64.grad, atol=1e-5, rtol=grad_rtol)
 
     xr = logits.clone().requires_grad_()
-    ref = reference.token_logprobs(xr, labels, **kw)
+    ref = stats_of(reference.token_logprobs, xr, labels, **kw)
     loss_of((ref.logprobs, ref.entropy), w_lp, w_h).backward()
     close(out.logprobs, ref.logprobs, atol=2e-5)
     close(out.entropy, ref.entropy, atol=2e-5)
@@ -330,7 +343,7 @@ def test_triton_token_logprobs_partial_gradients(which):
     w_h = w if which == "entropy-only" else None
 
     x = logits.clone().requires_grad_()
-    out = lp.token_logprobs(x, labels, temperature=temperature, with_entropy=with_entropy)
+    out = stats_of(lp.token_logprobs, x, labels, temperature=temperature, with_entropy=with_entropy)
     assert (out.entropy is None) == (not with_entropy) and out.control_probs is None
     loss_of((out.logprobs, out.entropy), w_lp, w_h).backward()
 
@@ -349,12 +362,12 @@ def test_triton_token_logprobs_inplace_backward(dtype):
     labels = make_labels(n, vocab, gen, "some", every=3)
     w_lp, w_h = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
 
-    expected = reference.token_logprobs(leaf, labels, temperature=0.7)
+    expected = stats_of(reference.token_logprobs, leaf, labels, temperature=0.7)
     loss_of((expected.logprobs, expected.entropy), w_lp, w_h).backward()
     expected_grad, leaf.grad = leaf.grad.clone(), None
 
     logits = leaf * 1  # an intermediate: its buffer receives the gradient
-    out = lp.token_logprobs(logits, labels, temperature=0.7, inplace_backward=True)
+    out = stats_of(lp.token_logprobs, logits, labels, temperature=0.7, inplace_backward=True)
     loss_of((out.logprobs, out.entropy), w_lp, w_h).backward()
     rtol = 1e-5 if dtype == torch.float32 else 1e-2
     close(leaf.grad, expected_grad, atol=1e-5, rtol=rtol)
@@ -363,7 +376,7 @@ def test_triton_token_logprobs_inplace_backward(dtype):
     # A later user of the overwritten logits fails loudly instead of reading the gradient.
     scaled = leaf.detach().clone().requires_grad_() * 1
     squared = (scaled * scaled).sum()  # saves `scaled` for its backward
-    out = lp.token_logprobs(scaled, labels, inplace_backward=True)
+    out = stats_of(lp.token_logprobs, scaled, labels, inplace_backward=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (out.logprobs.sum() + squared).backward()
 
@@ -382,30 +395,21 @@ def test_triton_token_logprobs_strided_logits():
     labels = make_labels(n, vocab, gen, "some", every=3)
     column_major = wide[:, :vocab].T.contiguous().T  # non-unit column stride: copied by the op
     for layout in (wide[:, :vocab], column_major):
-        out = lp.token_logprobs(layout, labels, control_ids=[5])
+        out = stats_of(lp.token_logprobs, layout, labels, control_ids=[5])
         exp_lp, exp_h, exp_ctrl = f64_stats(layout, labels, 1.0, [5])
         close(out.logprobs, exp_lp, atol=1e-4)
         close(out.entropy, exp_h, atol=1e-4)
         close(out.control_probs, exp_ctrl, atol=1e-6)
     x = wide.clone().requires_grad_()
-    lp.token_logprobs(x[:, :vocab], labels).logprobs.sum().backward()
+    lp.token_logprobs(x[:, :vocab], labels)[0].sum().backward()
     x64 = wide.double().requires_grad_()
     f64_stats(x64[:, :vocab], labels, 1.0, None)[0].sum().backward()
     close(x.grad, x64.grad, atol=1e-5)
 
 
-def test_triton_token_logprobs_input_errors():
-    logits, labels = torch.randn(3, 50), torch.zeros(3, dtype=torch.long)
-    with pytest.raises(ValueError, match="logits must have shape"):
-        lp.token_logprobs(logits[0], labels)
-    with pytest.raises(ValueError, match="labels must have shape"):
-        lp.token_logprobs(logits, labels[:2])
-    with pytest.raises(ValueError, match="temperature"):
-        lp.token_logprobs(logits, labels, temperature=0.0)
-    with pytest.raises(IndexError, match="control_ids"):
-        lp.token_logprobs(logits, labels, control_ids=[0, 50])
-    empty = lp.token_logprobs(torch.randn(0, 50), torch.zeros(0, dtype=torch.long))
-    assert empty.logprobs.shape == empty.entropy.shape == (0,)
+def test_triton_token_logprobs_empty_input():
+    logprobs, entropy, _ = lp.token_logprobs(torch.randn(0, 50), torch.zeros(0, dtype=torch.long))
+    assert logprobs.shape == entropy.shape == (0,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,7 +457,7 @@ def test_dispatch_to_triton(monkeypatch):
         logits = torch.randn(3, 8, generator=gen) @ torch.randn(40, 8, generator=gen).T
         labels = torch.tensor([1, IGNORE, 39])
         stats = ops.token_logprobs(logits, labels, control_ids=[1])
-        expected = reference.token_logprobs(logits, labels, control_ids=[1])
+        expected = stats_of(reference.token_logprobs, logits, labels, control_ids=[1])
         close(stats.logprobs, expected.logprobs, atol=1e-5)
         close(stats.entropy, expected.entropy, atol=1e-5)
         close(stats.control_probs, expected.control_probs, atol=1e-7)
@@ -543,21 +547,21 @@ def check(name, actual, expected, rel):
 
 labels = torch.randint(0, vocab, (n,), device=device, generator=gen)
 labels[::5] = -100
-ids = [0, 1, vocab - 1]
+ids = torch.tensor([0, 1, vocab - 1], device=device)
 w_lp, w_h = torch.randn(2, n, device=device, generator=gen)
 for dtype, rel in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
     logits = (torch.randn(n, vocab, device=device, generator=gen) * 4).to(dtype)
     for inplace in (False, True):
         x = logits.clone().requires_grad_()
         xr = logits.clone().requires_grad_()
-        out = token_logprobs(x * 1, labels, temperature=0.7, control_ids=ids,
-                             inplace_backward=inplace)
-        ref = reference.token_logprobs(xr, labels, temperature=0.7, control_ids=ids)
-        ((out.logprobs * w_lp).sum() + (out.entropy * w_h).sum()).backward()
-        ((ref.logprobs * w_lp).sum() + (ref.entropy * w_h).sum()).backward()
-        check("logprobs", out.logprobs, ref.logprobs, 1e-5)
-        check("entropy", out.entropy, ref.entropy, 1e-5)
-        check("control", out.control_probs, ref.control_probs, 1e-5)
+        lp, h, ctrl = token_logprobs(x * 1, labels, temperature=0.7, control_ids=ids,
+                                     inplace_backward=inplace)
+        lp_r, h_r, ctrl_r = reference.token_logprobs(xr, labels, temperature=0.7, control_ids=ids)
+        ((lp * w_lp).sum() + (h * w_h).sum()).backward()
+        ((lp_r * w_lp).sum() + (h_r * w_h).sum()).backward()
+        check("logprobs", lp, lp_r, 1e-5)
+        check("entropy", h, h_r, 1e-5)
+        check("control", ctrl, ctrl_r, 1e-5)
         check(f"grad {dtype} inplace={inplace}", x.grad, xr.grad, rel)
 print("ok")
 """

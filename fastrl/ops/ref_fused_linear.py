@@ -3,25 +3,22 @@
 The CPU path, the test oracle of `triton_kernels/fused_linear.py` and the benchmark baseline. Each
 row chunk's logits are computed, turned into token statistics by the chunk helpers of
 `ref_logprobs.py`, and dropped; the backward recomputes them, so the `(N, V)` logits never exist.
+The inputs arrive checked by `fastrl.ops.fused_linear_token_logprobs`; the outputs are a plain
+tuple.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from fastrl.ops.ref_logprobs import (
-    TokenStats,
-    _as_index,
-    _check_token_inputs,
-    _chunk_forward,
-    _chunk_grad_z,
-    _empty_f32,
-    _scaled_chunk,
-    _token_stats,
+    chunk_forward,
+    chunk_grad_z,
     chunk_rows,
+    empty_f32,
+    optional_outputs,
+    scaled_chunk,
 )
 
 
@@ -41,13 +38,13 @@ class _FusedLinearTokenLogprobsFunction(torch.autograd.Function):
         n = hidden.shape[0]
         lse = hidden.new_empty(n, dtype=torch.float32)  # [N]
         logprobs = torch.empty_like(lse)  # [N]
-        entropy = torch.empty_like(lse) if with_entropy else _empty_f32(hidden)  # [N]
+        entropy = torch.empty_like(lse) if with_entropy else empty_f32(hidden)  # [N]
         k = 0 if control_ids is None else control_ids.numel()
         control = hidden.new_empty(n if control_ids is not None else 0, k, dtype=torch.float32)
         for start in range(0, n, rows):
             end = min(start + rows, n)
-            z = _scaled_chunk(hidden[start:end] @ weight.T, temperature)  # [C, V]
-            stats = _chunk_forward(z, labels[start:end], ignore_index, with_entropy, control_ids)
+            z = scaled_chunk(hidden[start:end] @ weight.T, temperature)  # [C, V]
+            stats = chunk_forward(z, labels[start:end], ignore_index, with_entropy, control_ids)
             lse[start:end], logprobs[start:end] = stats[0], stats[1]
             if stats[2] is not None:
                 entropy[start:end] = stats[2]
@@ -72,8 +69,8 @@ class _FusedLinearTokenLogprobsFunction(torch.autograd.Function):
         for start in range(0, n, ctx.rows):
             end = min(start + ctx.rows, n)
             h = hidden[start:end]  # [C, H]
-            z = _scaled_chunk(h @ weight.T, ctx.temperature)  # [C, V]
-            grad_z = _chunk_grad_z(
+            z = scaled_chunk(h @ weight.T, ctx.temperature)  # [C, V]
+            grad_z = chunk_grad_z(
                 z,
                 labels[start:end],
                 ctx.ignore_index,
@@ -95,13 +92,12 @@ def fused_linear_token_logprobs(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
-    *,
     temperature: float = 1.0,
     with_entropy: bool = True,
-    control_ids: Tensor | Sequence[int] | None = None,
+    control_ids: Tensor | None = None,
     ignore_index: int = -100,
     chunk_size: int | None = None,
-) -> TokenStats:
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """`token_logprobs(hidden @ weight.T, ...)` without materialising the `(N, V)` logits.
 
     Each row chunk's logits are computed by a matmul in the input dtype (fp32 accumulation,
@@ -112,23 +108,14 @@ def fused_linear_token_logprobs(
         hidden: `(N, H)` final hidden states.
         weight: `(V, H)` LM-head weight.
         labels: `(N,)` int64 target ids.
-        chunk_size: rows per chunk; by default about `CHUNK_BYTES` of fp32 logits.
-        temperature, with_entropy, control_ids, ignore_index: as in `token_logprobs`.
+        chunk_size: rows per chunk (>= 1); by default about `FP32_CHUNK_BYTES` of fp32 logits.
+        temperature, with_entropy, control_ids, ignore_index: as in `ref_logprobs.token_logprobs`.
 
     Returns:
-        TokenStats with `logprobs (N,)`, `entropy (N,)`, `control_probs (N, K)`, all float32.
+        `logprobs (N,)`, `entropy (N,)` or None, `control_probs (N, K)` or None, all float32.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden (N, H) and weight (V, H) do not match: {tuple(hidden.shape)}, "
-            f"{tuple(weight.shape)}"
-        )
-    _check_token_inputs(hidden.shape[0], labels, temperature)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     rows = chunk_size if chunk_size is not None else chunk_rows(weight.shape[0])
-    ids = _as_index(control_ids, hidden.device)
     logprobs, entropy, control = _FusedLinearTokenLogprobsFunction.apply(
-        hidden, weight, labels, float(temperature), with_entropy, ids, ignore_index, rows
+        hidden, weight, labels, float(temperature), with_entropy, control_ids, ignore_index, rows
     )
-    return _token_stats(logprobs, entropy, control, with_entropy, ids is not None)
+    return optional_outputs(logprobs, entropy, control, with_entropy, control_ids is not None)

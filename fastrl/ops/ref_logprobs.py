@@ -10,60 +10,28 @@ With z = logits / T, lse = log Σ_j exp(z_j), log p = z − lse:
     gradients d logprob / dz_j = 1[j = y] − p_j
               d H / dz_j       = −p_j (log p_j + H)
     and d/dlogits = (d/dz) / T. Rows whose label is `ignore_index` give 0 and no gradient.
-The chunk helpers here are shared with `ref_fused_linear.py`.
+The inputs arrive checked by `fastrl.ops.token_logprobs`; the outputs are a plain tuple that it
+wraps into a `TokenStats`. The chunk helpers here are shared with `ref_fused_linear.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-# Bytes of fp32 logits processed per row chunk. The chunk also needs about three temporaries of
-# this size (log p, p and the gradient), so the working set stays a small multiple of it.
-CHUNK_BYTES = 64 * 2**20
+# Bytes of the fp32 copy of one row chunk of logits. The chunk also needs about three temporaries
+# of this size (log p, p and the gradient), so the working set stays a small multiple of it.
+FP32_CHUNK_BYTES = 64 * 2**20
 
 _FP32_MIN = torch.finfo(torch.float32).min
 
 
-@dataclass
-class TokenStats:
-    """Per-token statistics of a softmax over the vocabulary.
-
-    Attributes:
-        logprobs: `(N,)` float32 log-probability of each label (0 on ignored rows).
-        entropy: `(N,)` float32 entropy of each row (0 on ignored rows), or None.
-        control_probs: `(N, K)` float32 probabilities of the control token ids, without gradient,
-            on every row (ignored rows included, since probe positions need not carry a label),
-            or None.
-    """
-
-    logprobs: Tensor
-    entropy: Tensor | None
-    control_probs: Tensor | None
-
-
 def chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk so that one fp32 chunk of logits takes about `CHUNK_BYTES`."""
-    return max(1, CHUNK_BYTES // (4 * max(vocab_size, 1)))
+    """Rows per chunk so that one fp32 chunk of logits takes about `FP32_CHUNK_BYTES`."""
+    return max(1, FP32_CHUNK_BYTES // (4 * max(vocab_size, 1)))
 
 
-def _as_index(control_ids: Tensor | Sequence[int] | None, device: torch.device) -> Tensor | None:
-    if control_ids is None:
-        return None
-    return torch.as_tensor(control_ids, dtype=torch.long, device=device).reshape(-1)
-
-
-def _check_token_inputs(rows: int, labels: Tensor, temperature: float) -> None:
-    if labels.dim() != 1 or labels.shape[0] != rows:
-        raise ValueError(f"labels must have shape ({rows},), got {tuple(labels.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-
-
-def _chunk_forward(
+def chunk_forward(
     z: Tensor,
     labels: Tensor,
     ignore_index: int,
@@ -89,7 +57,7 @@ def _chunk_forward(
     return lse, label_logp, entropy, control
 
 
-def _chunk_grad_z(
+def chunk_grad_z(
     z: Tensor,
     labels: Tensor,
     ignore_index: int,
@@ -120,13 +88,13 @@ def _chunk_grad_z(
     return grad_z
 
 
-def _scaled_chunk(logits_chunk: Tensor, temperature: float) -> Tensor:
+def scaled_chunk(logits_chunk: Tensor, temperature: float) -> Tensor:
     """A fresh fp32 copy of one chunk divided by the temperature `[C, V]`."""
     z = logits_chunk.to(torch.float32, copy=True)  # [C, V]
     return z.div_(temperature) if temperature != 1.0 else z
 
 
-def _empty_f32(like: Tensor) -> Tensor:
+def empty_f32(like: Tensor) -> Tensor:
     return like.new_empty(0, dtype=torch.float32)
 
 
@@ -145,13 +113,13 @@ class _TokenLogprobsFunction(torch.autograd.Function):
         rows = chunk_rows(vocab)
         lse = logits.new_empty(n, dtype=torch.float32)  # [N]
         logprobs = torch.empty_like(lse)  # [N]
-        entropy = torch.empty_like(lse) if with_entropy else _empty_f32(logits)  # [N]
+        entropy = torch.empty_like(lse) if with_entropy else empty_f32(logits)  # [N]
         k = 0 if control_ids is None else control_ids.numel()
         control = logits.new_empty(n if control_ids is not None else 0, k, dtype=torch.float32)
         for start in range(0, n, rows):
             end = min(start + rows, n)
-            z = _scaled_chunk(logits[start:end], temperature)  # [C, V]
-            stats = _chunk_forward(z, labels[start:end], ignore_index, with_entropy, control_ids)
+            z = scaled_chunk(logits[start:end], temperature)  # [C, V]
+            stats = chunk_forward(z, labels[start:end], ignore_index, with_entropy, control_ids)
             lse[start:end], logprobs[start:end] = stats[0], stats[1]
             if stats[2] is not None:
                 entropy[start:end] = stats[2]
@@ -173,8 +141,8 @@ class _TokenLogprobsFunction(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)  # [N, V]
         for start in range(0, n, rows):
             end = min(start + rows, n)
-            z = _scaled_chunk(logits[start:end], ctx.temperature)  # [C, V]
-            grad_z = _chunk_grad_z(
+            z = scaled_chunk(logits[start:end], ctx.temperature)  # [C, V]
+            grad_z = chunk_grad_z(
                 z,
                 labels[start:end],
                 ctx.ignore_index,
@@ -187,43 +155,36 @@ class _TokenLogprobsFunction(torch.autograd.Function):
         return grad_logits, None, None, None, None, None
 
 
-def _token_stats(
+def optional_outputs(
     logprobs: Tensor, entropy: Tensor, control: Tensor, with_entropy: bool, has_control: bool
-) -> TokenStats:
-    return TokenStats(
-        logprobs=logprobs,
-        entropy=entropy if with_entropy else None,
-        control_probs=control if has_control else None,
-    )
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The Function's outputs, with None for the statistics that were not asked for."""
+    return logprobs, entropy if with_entropy else None, control if has_control else None
 
 
 def token_logprobs(
     logits: Tensor,
     labels: Tensor,
-    *,
     temperature: float = 1.0,
     with_entropy: bool = True,
-    control_ids: Tensor | Sequence[int] | None = None,
+    control_ids: Tensor | None = None,
     ignore_index: int = -100,
-) -> TokenStats:
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Log-probability of each label, entropy and control-token probabilities, chunked over rows.
 
     Args:
         logits: `(N, V)` logits of any float dtype; only one fp32 row chunk exists at a time.
         labels: `(N,)` int64 target ids; rows equal to `ignore_index` give 0 and no gradient.
-        temperature: the logits are divided by it.
+        temperature: the logits are divided by it (> 0).
         with_entropy: compute the entropy (it carries gradient like the logprobs).
-        control_ids: `(K,)` ids whose probabilities are returned, detached.
+        control_ids: `(K,)` int64 ids on the logits' device whose probabilities are returned,
+            detached, or None.
         ignore_index: label value of rows to skip.
 
     Returns:
-        TokenStats with `logprobs (N,)`, `entropy (N,)`, `control_probs (N, K)`, all float32.
+        `logprobs (N,)`, `entropy (N,)` or None, `control_probs (N, K)` or None, all float32.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must have shape (N, V), got {tuple(logits.shape)}")
-    _check_token_inputs(logits.shape[0], labels, temperature)
-    ids = _as_index(control_ids, logits.device)
     logprobs, entropy, control = _TokenLogprobsFunction.apply(
-        logits, labels, float(temperature), with_entropy, ids, ignore_index
+        logits, labels, float(temperature), with_entropy, control_ids, ignore_index
     )
-    return _token_stats(logprobs, entropy, control, with_entropy, ids is not None)
+    return optional_outputs(logprobs, entropy, control, with_entropy, control_ids is not None)

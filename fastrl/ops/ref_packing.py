@@ -1,6 +1,7 @@
 """Torch references of the packing ops `fastrl.ops.pack/unpack/position_ids/segment_sum`.
 
-The CPU path when the extension `fastrl._C` (csrc/) is not built, and its test oracle.
+The CPU path when the extension `fastrl._C` (csrc/) is not built, and its test oracle. The
+inputs arrive checked by `fastrl.ops`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def pack(x: Tensor, mask: Tensor, total: int | None = None) -> tuple[Tensor, Ten
     """Keep the positions where `mask (B, T)` is nonzero, in row-major order.
 
     Args:
-        x: `(B, T, ...)` padded values.
+        x: `(B, T, ...)` padded values (`x.shape[:2] == mask.shape`).
         mask: `(B, T)` bool or 0/1.
         total: number of set positions. Without it the count is read from the device (one host
             synchronisation); with it nothing synchronises (`torch.nonzero_static`).
@@ -27,8 +28,6 @@ def pack(x: Tensor, mask: Tensor, total: int | None = None) -> tuple[Tensor, Ten
     Returns:
         packed `(total, ...)` and int32 `cu_seqlens (B+1,)`.
     """
-    if x.shape[:2] != mask.shape:
-        raise ValueError(f"x {tuple(x.shape)} does not start with mask's shape {tuple(mask.shape)}")
     flat_mask = mask.reshape(-1).bool()  # [B*T]
     if total is None:
         total = int(flat_mask.sum())

@@ -4,6 +4,10 @@ The CPU path, the test oracle of `triton_kernels/policy_loss.py` and the benchma
 three pieces are kept here so every loss in `fastrl.algo.losses` uses the same code:
 `clipped_surrogate` (PPO clip with optional dual clip), `combine_token_loss` (KL penalty, entropy
 bonus, aggregation, statistics) and `aggregate_loss`.
+
+The checks of the options and shapes live here too, each with its message: `fastrl.ops.policy_loss`
+runs them once before it dispatches, and the pieces run theirs for the losses that call them
+directly.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# The values of `loss_agg` and `kl_estimator`.
 LOSS_AGGREGATIONS = (
     "token-mean",
     "seq-mean-token-mean",
@@ -20,24 +25,54 @@ LOSS_AGGREGATIONS = (
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+# --------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------
+
+
+def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"unknown {name} {value!r}; valid values: {', '.join(valid)}")
+
+
+def check_loss_shapes(logprobs: Tensor, advantages: Tensor, mask: Tensor) -> None:
+    """`logprobs` and `mask` `(B, T)`, `advantages` `(B,)` or `(B, T)`."""
+    if logprobs.dim() != 2 or mask.shape != logprobs.shape:
+        raise ValueError(
+            f"logprobs and mask must both be (B, T); got {tuple(logprobs.shape)}, "
+            f"{tuple(mask.shape)}"
+        )
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages  # [B, 1] or [B, T]
+    if (
+        adv.dim() != 2
+        or adv.shape[0] != logprobs.shape[0]
+        or adv.shape[1] not in (1, mask.shape[1])
+    ):
+        raise ValueError(f"advantages must be (B,) or (B, T), got {tuple(advantages.shape)}")
+
+
+def check_dual_clip(dual_clip: float | None) -> None:
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+
+
+def check_kl_reference(kl_coef: float, ref_logprobs: Tensor | None) -> None:
+    if kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError("kl_coef != 0 needs ref_logprobs")
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces shared by every policy loss
+# --------------------------------------------------------------------------------------------
 
 
 def prepare_loss_inputs(
     logprobs: Tensor, advantages: Tensor, mask: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Check shapes; return the mask as bool `(B, T)` and the advantages as `(B, T)`."""
-    if logprobs.dim() != 2 or mask.shape != logprobs.shape:
-        raise ValueError(
-            f"logprobs and mask must both be (B, T); got {tuple(logprobs.shape)}, "
-            f"{tuple(mask.shape)}"
-        )
+    check_loss_shapes(logprobs, advantages, mask)
     if advantages.dim() == 1:
         advantages = advantages[:, None]  # [B, 1]
-    if advantages.shape[0] != logprobs.shape[0] or advantages.shape[1] not in (1, mask.shape[1]):
-        raise ValueError(f"advantages must be (B,) or (B, T), got {tuple(advantages.shape)}")
     return mask.bool(), advantages.to(logprobs.dtype).expand_as(logprobs)
 
 
@@ -57,7 +92,7 @@ def aggregate_loss(
     with `norm_len` defaulting to T. Rows without a masked token are left out of every row mean
     (for the `-norm` variant too, so B counts the non-empty rows); an empty mask gives 0.
     """
-    _check_choice("loss_agg", loss_agg, LOSS_AGGREGATIONS)
+    check_choice("loss_agg", loss_agg, LOSS_AGGREGATIONS)
     masked = torch.where(mask, token_loss, 0.0)  # [B, T]
     if loss_agg == "token-mean":
         return masked.sum() / mask.sum().clamp(min=1)
@@ -77,7 +112,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor
 
     k1 = −d, k2 = d² / 2, k3 = exp(d) − d − 1 (Schulman's unbiased, non-negative estimator).
     """
-    _check_choice("kl_estimator", estimator, KL_ESTIMATORS)
+    check_choice("kl_estimator", estimator, KL_ESTIMATORS)
     d = ref_logprobs - logprobs  # [B, T]
     if estimator == "k1":
         return -d
@@ -105,8 +140,7 @@ def clipped_surrogate(
         pg `(B, T)` and bool `(B, T)` indicators `clip_low`, `clip_high` (the clipped branch is
         active, i.e. the token gives no gradient) and `dual_clip`.
     """
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    check_dual_clip(dual_clip)
     unclipped = -advantages * ratio  # [B, T]
     clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [B, T]
     pg = torch.maximum(unclipped, clipped)  # [B, T]
@@ -155,9 +189,8 @@ def combine_token_loss(
         `clip_frac_high`, `dual_clip_frac` (with a dual clip), `kl` (token mean; 0 without a
         reference), `ratio_mean`, `entropy` (token mean, when given).
     """
-    _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
-    if kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError("kl_coef != 0 needs ref_logprobs")
+    check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    check_kl_reference(kl_coef, ref_logprobs)
     token_loss = pg  # [B, T]
     zero = logprobs.new_zeros(())
     kl_mean = zero
@@ -194,7 +227,6 @@ def policy_loss(
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
-    *,
     ref_logprobs: Tensor | None = None,
     entropy: Tensor | None = None,
     clip_low: float = 0.2,
@@ -207,6 +239,9 @@ def policy_loss(
     norm_len: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Token-level clipped PPO/GRPO loss with KL penalty and entropy bonus.
+
+    The arguments are those of `fastrl.ops.policy_loss`, which checks them and passes them in
+    this order.
 
     Args:
         logprobs: `(B, T)` current log-probabilities (with gradient).
