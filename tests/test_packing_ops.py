@@ -1,10 +1,10 @@
 """Packing: `fastrl.ops.pack/unpack/position_ids/segment_sum` on the torch reference, and the
-packed-sequence extension `fastrl._C` (through `fastrl._ext`) against the torch references.
+packed-sequence extension `fastrl._C` (through `fastrl.ops._ext`) against the torch references.
 
 The extension's tests are skipped when it is not built (`pip install --no-build-isolation -e .`
-builds it). Its CPU kernels are checked here: results against `fastrl.ops.reference` and
-`fastrl.algo.advantages`, `torch.library.opcheck` (schema, fake kernels, autograd registration,
-AOT dispatch with dynamic shapes), float64 gradcheck and a torch.compile trace. The CUDA kernels
+builds it). Its CPU kernels are checked here: results against `fastrl.ops.reference`,
+`torch.library.opcheck` (schema, fake kernels, autograd registration, AOT dispatch with dynamic
+shapes), float64 gradcheck and a torch.compile trace. The CUDA kernels
 are compared with the CPU kernels when a GPU and a CUDA build are present.
 
 That the CUDA kernels never synchronise with the host when `total` is given cannot be observed on
@@ -23,11 +23,10 @@ import pytest
 import torch
 
 from fastrl import ops
-from fastrl.algo.advantages import group_advantages
 from fastrl.ops import reference
 
 try:
-    from fastrl import _ext
+    from fastrl.ops import _ext
 
     _EXT_MISSING = ""
 except ImportError as error:  # the extension is optional; fastrl.ops falls back to torch
@@ -130,6 +129,11 @@ def make_mask(kind: str, seed: int = 0, batch: int = 5, length: int = 9) -> torc
     return mask
 
 
+def cu_seqlens_of(mask: torch.Tensor) -> torch.Tensor:
+    """Int32 `(B+1,)` cu_seqlens of `mask (B, T)`, from the torch reference."""
+    return reference.pack(torch.zeros(mask.shape), mask)[1]
+
+
 def random_values(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     if dtype.is_floating_point:
@@ -155,7 +159,6 @@ def test_pack_unpack_match_reference(kind, dtype, trailing):
     assert torch.equal(packed, expected) and torch.equal(cu, expected_cu)
     packed_static, cu_static = _ext.pack(x, mask, total=int(mask.sum()))
     assert torch.equal(packed_static, expected) and torch.equal(cu_static, expected_cu)
-    assert torch.equal(_ext.cu_seqlens(mask), expected_cu)
 
     restored = _ext.unpack(packed, cu, mask)  # [B, T, ...]
     assert torch.equal(restored, reference.unpack(expected, expected_cu, mask))
@@ -189,7 +192,7 @@ def test_pack_total_pads_or_truncates():
 @pytest.mark.parametrize("kind", MASK_KINDS)
 def test_position_ids_match_reference(kind):
     mask = make_mask(kind, seed=1)
-    cu = reference.pack(torch.zeros(mask.shape), mask)[1]
+    cu = cu_seqlens_of(mask)
     total = int(mask.sum())
     for given in (None, total, total + 4):
         expected = reference.position_ids(cu, given)
@@ -204,9 +207,9 @@ def test_position_ids_match_reference(kind):
     [(torch.float64, 1e-12, 1e-12), (torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 2e-2)],
 )
 @pytest.mark.parametrize("trailing", [(), (3,)])
-def test_segment_reductions_match_reference(kind, dtype, atol, rtol, trailing):
+def test_segment_sum_and_broadcast_match_reference(kind, dtype, atol, rtol, trailing):
     mask = make_mask(kind, seed=3)
-    cu = _ext.cu_seqlens(mask)
+    cu = cu_seqlens_of(mask)
     lengths = (cu[1:] - cu[:-1]).long()  # [B]
     values = random_values((int(mask.sum()), *trailing), dtype, seed=5)  # [total, ...]
     exact = reference.segment_sum(values.double(), cu)  # [B, ...]
@@ -215,10 +218,7 @@ def test_segment_reductions_match_reference(kind, dtype, atol, rtol, trailing):
     torch.testing.assert_close(sums.double(), exact, atol=atol, rtol=rtol)
     if dtype == torch.float64:
         torch.testing.assert_close(sums, reference.segment_sum(values, cu))
-    counts = lengths.clamp(min=1).double().reshape(-1, *([1] * len(trailing)))
-    means = _ext.segment_mean(values, cu)
-    torch.testing.assert_close(means.double(), exact / counts, atol=atol, rtol=rtol)
-    assert torch.all(means[lengths == 0] == 0) and torch.all(sums[lengths == 0] == 0)
+    assert torch.all(sums[lengths == 0] == 0)
 
     per_row = random_values((mask.shape[0], *trailing), dtype, seed=6)  # [B, ...]
     spread = _ext.segment_broadcast(per_row, cu, values.shape[0])  # [total, ...]
@@ -228,38 +228,9 @@ def test_segment_reductions_match_reference(kind, dtype, atol, rtol, trailing):
 @needs_ext
 def test_segment_sum_integers():
     mask = make_mask("holes", seed=7)
-    cu = _ext.cu_seqlens(mask)
+    cu = cu_seqlens_of(mask)
     values = random_values((int(mask.sum()), 2), torch.int64)
     assert torch.equal(_ext.segment_sum(values, cu), reference.segment_sum(values, cu))
-
-
-@needs_ext
-@pytest.mark.parametrize("estimator", ["grpo", "drgrpo"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("group_size", [1, 4, 6])
-def test_group_normalize_matches_group_advantages(estimator, dtype, group_size):
-    rewards = random_values((24,), dtype, seed=8)  # [N]
-    rewards[:group_size] = 1.0  # a group of equal rewards
-    if group_size > 1:
-        rewards[group_size] = 0.0
-    group_ids = torch.arange(24) // group_size  # [N]
-    expected = group_advantages(rewards, group_ids, estimator=estimator, eps=1e-6)
-    result = _ext.group_normalize(rewards, group_size, scale_by_std=estimator == "grpo", eps=1e-6)
-    assert result.dtype == expected.dtype
-    torch.testing.assert_close(result, expected, atol=1e-6, rtol=1e-6)
-
-
-@needs_ext
-def test_group_normalize_trailing_dims_and_errors():
-    values = random_values((8, 3), torch.float64, seed=9)  # [N, K]
-    result = _ext.group_normalize(values, 4, scale_by_std=True, eps=1e-6)  # [N, K]
-    for k in range(3):
-        expected = group_advantages(values[:, k], torch.arange(8) // 4)
-        torch.testing.assert_close(result[:, k], expected)
-    with pytest.raises(RuntimeError, match="multiple of group_size"):
-        _ext.group_normalize(values, 3)
-    with pytest.raises(RuntimeError, match="group_size must be >= 1"):
-        _ext.group_normalize(values, 0)
 
 
 @needs_ext
@@ -273,8 +244,6 @@ def test_input_errors():
         _ext.unpack(torch.zeros(3), torch.zeros(3, dtype=torch.int32), mask)
     with pytest.raises(RuntimeError, match="int32 or int64"):
         _ext.segment_sum(torch.zeros(3), torch.zeros(3))
-    with pytest.raises(RuntimeError, match="floating point"):
-        _ext.segment_mean(torch.zeros(3, dtype=torch.long), torch.tensor([0, 3]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,29 +254,27 @@ def test_input_errors():
 def opcheck_cases() -> list[tuple[str, tuple]]:
     mask = make_mask("empty_rows", seed=10)
     total = int(mask.sum())
-    cu = _ext.cu_seqlens(mask)
+    cu = cu_seqlens_of(mask)
     x = random_values((*mask.shape, 3), torch.float32).requires_grad_()
     packed = random_values((total, 3), torch.float32).requires_grad_()
     values = random_values((total, 2), torch.float32).requires_grad_()
     per_row = random_values((mask.shape[0], 2), torch.float32).requires_grad_()
-    rewards = random_values((12,), torch.float32)
     return [
         ("pack", (x, mask, None)),
         ("pack", (x, mask, total)),
         ("unpack", (packed, cu, mask)),
-        ("cu_seqlens", (mask,)),
         ("position_ids", (cu, None)),
         ("position_ids", (cu, total)),
         ("segment_sum", (values, cu)),
-        ("segment_mean", (values, cu)),
         ("segment_broadcast", (per_row, cu, total)),
-        ("group_normalize", (rewards, 4, True, 1e-6)),
-        ("group_normalize", (rewards, 3, False, 1e-6)),
     ]
 
 
+N_OPCHECK_CASES = len(opcheck_cases())
+
+
 @needs_ext
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(N_OPCHECK_CASES))
 def test_opcheck(case):
     name, args = opcheck_cases()[case]
     torch.library.opcheck(getattr(torch.ops.fastrl, name).default, args)
@@ -316,7 +283,7 @@ def test_opcheck(case):
 @needs_ext
 def test_gradcheck_float64():
     mask = make_mask("empty_rows", seed=11, batch=4, length=6)
-    cu = _ext.cu_seqlens(mask)
+    cu = cu_seqlens_of(mask)
     total = int(mask.sum())
     x = torch.randn(*mask.shape, 2, dtype=torch.float64, requires_grad=True)
     packed = torch.randn(total, 2, dtype=torch.float64, requires_grad=True)
@@ -324,10 +291,9 @@ def test_gradcheck_float64():
     torch.autograd.gradcheck(lambda x: _ext.pack(x, mask)[0], (x,))
     torch.autograd.gradcheck(lambda p: _ext.unpack(p, cu, mask), (packed,))
     torch.autograd.gradcheck(lambda v: _ext.segment_sum(v, cu), (packed,))
-    torch.autograd.gradcheck(lambda v: _ext.segment_mean(v, cu), (packed,))
     torch.autograd.gradcheck(lambda v: _ext.segment_broadcast(v, cu, total), (per_row,))
     torch.autograd.gradgradcheck(lambda x: _ext.unpack(_ext.pack(x, mask)[0] ** 2, cu, mask), (x,))
-    torch.autograd.gradgradcheck(lambda v: _ext.segment_mean(v**2, cu), (packed,))
+    torch.autograd.gradgradcheck(lambda v: _ext.segment_sum(v**2, cu), (packed,))
 
 
 @needs_ext
@@ -336,25 +302,23 @@ def test_gradients_match_reference():
     x = torch.randn(*mask.shape, 3, requires_grad=True)
     ref_x = x.detach().clone().requires_grad_()
     weights = torch.randn(mask.shape[0], 3)
-    loss = (_ext.segment_mean(_ext.pack(x, mask)[0], _ext.cu_seqlens(mask)) * weights).sum()
+    loss = (_ext.segment_sum(*_ext.pack(x, mask)) * weights).sum()
     loss.backward()
-    packed, cu = reference.pack(ref_x, mask)
-    lengths = (cu[1:] - cu[:-1]).clamp(min=1)[:, None]
-    ref_loss = (reference.segment_sum(packed, cu) / lengths * weights).sum()
+    ref_loss = (reference.segment_sum(*reference.pack(ref_x, mask)) * weights).sum()
     ref_loss.backward()
     torch.testing.assert_close(x.grad, ref_x.grad)
 
 
 @needs_ext
 def test_torch_compile_traces_data_dependent_sizes():
-    def per_sequence_mean(x, mask):
+    def per_sequence_sum(x, mask):
         packed, cu = torch.ops.fastrl.pack(x, mask)
-        return torch.ops.fastrl.segment_mean(packed * 2, cu)
+        return torch.ops.fastrl.segment_sum(packed * 2, cu)
 
-    compiled = torch.compile(per_sequence_mean, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(per_sequence_sum, backend="aot_eager", fullgraph=True)
     mask = make_mask("empty_rows", seed=13)
     x = torch.randn(*mask.shape, 4)
-    torch.testing.assert_close(compiled(x, mask), per_sequence_mean(x, mask))
+    torch.testing.assert_close(compiled(x, mask), per_sequence_sum(x, mask))
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,7 +350,7 @@ def test_cuda_large_and_wide():
 
 @pytest.mark.gpu
 @needs_cuda_build
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(N_OPCHECK_CASES))
 def test_opcheck_cuda(case):
     name, args = opcheck_cases()[case]
 
@@ -410,7 +374,6 @@ def check_cuda_matches_cpu(
         got, got_cu = _ext.pack(x.to(dev), mask.to(dev), given)
         expected = _ext.pack(x, mask, given)[0]
         assert torch.equal(got.cpu(), expected) and torch.equal(got_cu.cpu(), cu)
-    assert torch.equal(_ext.cu_seqlens(mask.to(dev)).cpu(), cu)
     assert torch.equal(
         _ext.unpack(packed.to(dev), cu.to(dev), mask.to(dev)).cpu(), _ext.unpack(packed, cu, mask)
     )
@@ -425,18 +388,6 @@ def check_cuda_matches_cpu(
     torch.testing.assert_close(
         _ext.segment_sum(packed.to(dev), cu.to(dev)).cpu(), _ext.segment_sum(packed, cu), **tol
     )
-    if dtype.is_floating_point:
-        torch.testing.assert_close(
-            _ext.segment_mean(packed.to(dev), cu.to(dev)).cpu(),
-            _ext.segment_mean(packed, cu),
-            **tol,
-        )
-        rewards = random_values((28,), dtype, seed=3)
-        for scale in (True, False):
-            torch.testing.assert_close(
-                _ext.group_normalize(rewards.to(dev), 7, scale_by_std=scale).cpu(),
-                _ext.group_normalize(rewards, 7, scale_by_std=scale),
-            )
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

@@ -2,8 +2,8 @@
 
 Every function here checks its inputs (the errors name the op's arguments and their shapes), then
 calls one backend, in this order of preference:
-    cuda    the C++/CUDA extension `fastrl._C` through `fastrl._ext` (its CPU kernels serve CPU
-            tensors too)
+    cuda    the C++/CUDA extension `fastrl._C` through `fastrl.ops._ext` (its CPU kernels serve
+            CPU tensors too)
     triton  the Triton kernels `fastrl.triton_kernels` (CUDA tensors, or `TRITON_INTERPRET=1`)
     torch   the torch references `fastrl.ops.ref_*` gathered in `fastrl.ops.reference` (always
             available)
@@ -60,7 +60,7 @@ __all__ = [
 logger = logging.getLogger("fastrl.ops")
 
 BACKENDS = ("cuda", "triton", "torch")
-_BACKEND_MODULES = {"cuda": "fastrl._ext", "triton": "fastrl.triton_kernels"}
+_BACKEND_MODULES = {"cuda": "fastrl.ops._ext", "triton": "fastrl.triton_kernels"}
 
 
 @dataclass
