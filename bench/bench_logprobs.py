@@ -1,8 +1,8 @@
 """Token logprob + entropy + control-token probabilities over materialized logits.
 
-    python bench/bench_token_logprobs.py                 # CUDA: N sweep at V=160000; CPU: small
-    python bench/bench_token_logprobs.py --memory        # peak extra memory, N=4096, V=152064
-    python bench/bench_token_logprobs.py --n 32768 --v 160000
+    python bench/bench_logprobs.py                       # CUDA: N sweep at V=160000; CPU: small
+    python bench/bench_logprobs.py --memory              # peak extra memory, N=4096, V=152064
+    python bench/bench_logprobs.py --n 32768 --v 160000
 
 Providers, measured in the same run:
     naive           log_softmax over an fp32 copy of the logits, gather, entropy (eager torch)
@@ -282,7 +282,7 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="only the peak-memory case")
     args = parser.parse_args()
     payload = memory(args) if args.memory else run(args)
-    key = "token_logprobs_memory" if args.memory else "token_logprobs"
+    key = "logprobs_memory" if args.memory else "logprobs"
     print("results:", write_results(key, default_device(), payload))
 
 
