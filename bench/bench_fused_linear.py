@@ -69,19 +69,24 @@ def naive_step(hidden, weight, labels, old, adv, mask):
     return loss_from(lp, ent, old, adv, mask)
 
 
-def fused_step(fn):
+def fused_step(fn, control_ids: torch.Tensor):
+    """A step through a backend function (called as `fastrl.ops` calls it: ids as a tensor)."""
+
     def step(hidden, weight, labels, old, adv, mask):
-        s = fn(hidden, weight, labels, with_entropy=True, control_ids=CONTROL_IDS)
-        return loss_from(s.logprobs, s.entropy, old, adv, mask)
+        logprobs, entropy, _ = fn(
+            hidden, weight, labels, with_entropy=True, control_ids=control_ids
+        )
+        return loss_from(logprobs, entropy, old, adv, mask)
 
     return step
 
 
 def providers(device: torch.device, b: int, t: int) -> dict:
+    control_ids = torch.tensor(CONTROL_IDS, device=device)
     table = {
         "naive": naive_step,
         "compiled": torch.compile(naive_step, dynamic=False),
-        "fastrl-torch": fused_step(reference.fused_linear_token_logprobs),
+        "fastrl-torch": fused_step(reference.fused_linear_token_logprobs, control_ids),
     }
     if device.type == "cuda":
         try:
@@ -89,7 +94,7 @@ def providers(device: torch.device, b: int, t: int) -> dict:
 
             fn = getattr(triton_kernels, "fused_linear_token_logprobs", None)
             if callable(fn):
-                table["fastrl-triton"] = fused_step(fn)
+                table["fastrl-triton"] = fused_step(fn, control_ids)
         except ImportError:
             pass
     try:

@@ -41,7 +41,7 @@ def lengths_mask(b: int, t: int, device: torch.device, gen: torch.Generator) -> 
 
 
 def bench_pack(args, device, ceil) -> list[dict]:
-    from fastrl import _ext
+    from fastrl.ops import _ext
 
     gen = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

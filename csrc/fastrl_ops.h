@@ -14,8 +14,6 @@ namespace fastrl {
 
 // x (B, T, ...) and mask (B, T) on one device.
 void check_pack_inputs(const at::Tensor& x, const at::Tensor& mask);
-// mask (B, T).
-void check_mask(const at::Tensor& mask, const char* op);
 // A 1-D integer cu_seqlens with at least one entry, on the device of `like`.
 void check_cu_seqlens(const at::Tensor& cu_seqlens, const at::Tensor& like, const char* op);
 // packed (total, ...), cu_seqlens (B+1,), mask (B, T) on one device.
@@ -23,8 +21,6 @@ void check_unpack_inputs(const at::Tensor& packed, const at::Tensor& cu_seqlens,
                          const at::Tensor& mask);
 // values (rows, ...) and cu_seqlens (B+1,) on one device.
 void check_segment_inputs(const at::Tensor& values, const at::Tensor& cu_seqlens, const char* op);
-// values (N, ...) with N a multiple of group_size >= 1, real dtype.
-void check_group_normalize_inputs(const at::Tensor& values, int64_t group_size);
 
 // The shape (leading, rest...).
 std::vector<int64_t> with_leading(std::vector<int64_t> leading, at::IntArrayRef rest);

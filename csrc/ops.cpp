@@ -2,10 +2,10 @@
 //
 // Importing the module registers the schemas below and the kernels of ops_cpu.cpp (and, in a CUDA
 // build, ops_cuda.cu). The fake (meta) kernels and the autograd formulas live in Python, in
-// `fastrl._ext` (named here with set_python_module so that torch finds them), which also exposes
-// the functions that `fastrl.ops` dispatches to.
+// `fastrl.ops._ext` (named here with set_python_module so that torch finds them), which also
+// exposes the functions that `fastrl.ops` dispatches to.
 //
-// Semantics (identical to the torch references in fastrl/ops/reference.py on consistent inputs):
+// Semantics (identical to the torch references in fastrl/ops/ref_packing.py on consistent inputs):
 //   pack(x (B,T,...), mask (B,T), total?)  -> packed (total, ...), cu_seqlens int32 (B+1,)
 //       the rows of x where mask != 0, in row-major order. With `total` given, nothing is read
 //       back from the device; rows past the mask's count are zeros, and a smaller total keeps the
@@ -13,20 +13,14 @@
 //   unpack(packed, cu_seqlens, mask)       -> (B, T, ...): packed[cu_seqlens[b] + rank] where mask
 //       is set (rank = set positions before t in row b; index clamped to the packed rows, as the
 //       reference does), zeros elsewhere.
-//   cu_seqlens(mask)                       -> int32 (B+1,) prefix sums of the row counts.
 //   position_ids(cu_seqlens, total?)       -> int64 (total,): p - cu_seqlens[s(p)], s(p) = number
 //       of cu_seqlens[1:] entries <= p (torch.searchsorted(..., right=True)); total defaults to
 //       cu_seqlens[-1] (read once from the device on CUDA).
 //   segment_sum(values (rows,...), cu)     -> (B, ...): sum of rows with s(p) = b, accumulated in
 //       fp32 (fp64 on CPU for fp32/fp64, int64 for integers), 0 for empty segments. Rows past
 //       cu_seqlens[-1] belong to no segment and are ignored.
-//   segment_mean(values, cu)               -> segment_sum / max(count, 1): 0 for empty segments.
 //   segment_broadcast(values (B,...), cu, total) -> (total, ...): values[s(p)], 0 when s(p) = B.
 //       The adjoint of segment_sum (and per-sequence values, e.g. advantages, spread to tokens).
-//   group_normalize(values (N,...), group_size, scale_by_std, eps) -> rows grouped consecutively
-//       in groups of group_size; r - mean_g, divided by (std_g + eps) with the population std
-//       when scale_by_std ("grpo"), not ("drgrpo"). Computed in fp64, returned in
-//       promote_types(dtype, float32) like fastrl.algo.advantages.group_advantages.
 #include <Python.h>
 
 #include <torch/library.h>
@@ -34,10 +28,14 @@
 #include "fastrl_ops.h"
 
 namespace fastrl {
+namespace {
 
+// mask (B, T).
 void check_mask(const at::Tensor& mask, const char* op) {
   TORCH_CHECK(mask.dim() == 2, "fastrl::", op, ": mask must be (B, T), got shape ", mask.sizes());
 }
+
+}  // namespace
 
 void check_pack_inputs(const at::Tensor& x, const at::Tensor& mask) {
   check_mask(mask, "pack");
@@ -72,15 +70,6 @@ void check_segment_inputs(const at::Tensor& values, const at::Tensor& cu_seqlens
   check_cu_seqlens(cu_seqlens, values, op);
 }
 
-void check_group_normalize_inputs(const at::Tensor& values, int64_t group_size) {
-  TORCH_CHECK(group_size >= 1, "fastrl::group_normalize: group_size must be >= 1, got ",
-              group_size);
-  TORCH_CHECK(values.dim() >= 1 && values.size(0) % group_size == 0,
-              "fastrl::group_normalize: values ", values.sizes(),
-              " must have a leading dimension that is a multiple of group_size=", group_size);
-  TORCH_CHECK(!values.is_complex(), "fastrl::group_normalize: complex values are not supported");
-}
-
 std::vector<int64_t> with_leading(std::vector<int64_t> leading, at::IntArrayRef rest) {
   leading.insert(leading.end(), rest.begin(), rest.end());
   return leading;
@@ -89,18 +78,14 @@ std::vector<int64_t> with_leading(std::vector<int64_t> leading, at::IntArrayRef 
 }  // namespace fastrl
 
 TORCH_LIBRARY(fastrl, m) {
-  m.set_python_module("fastrl._ext");
+  m.set_python_module("fastrl.ops._ext");
   const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
   m.def("pack(Tensor x, Tensor mask, SymInt? total=None) -> (Tensor packed, Tensor cu_seqlens)",
         tags);
   m.def("unpack(Tensor packed, Tensor cu_seqlens, Tensor mask) -> Tensor", tags);
-  m.def("cu_seqlens(Tensor mask) -> Tensor", tags);
   m.def("position_ids(Tensor cu_seqlens, SymInt? total=None) -> Tensor", tags);
   m.def("segment_sum(Tensor values, Tensor cu_seqlens) -> Tensor", tags);
-  m.def("segment_mean(Tensor values, Tensor cu_seqlens) -> Tensor", tags);
   m.def("segment_broadcast(Tensor values, Tensor cu_seqlens, SymInt total) -> Tensor", tags);
-  m.def("group_normalize(Tensor values, int group_size, bool scale_by_std, float eps) -> Tensor",
-        tags);
 }
 
 // A plain extension module: importing it runs the registrations above (no pybind11 needed).

@@ -11,7 +11,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -152,13 +151,6 @@ Tensor unpack_cpu(const Tensor& packed, const Tensor& cu_seqlens, const Tensor& 
   return out;
 }
 
-Tensor cu_seqlens_cpu(const Tensor& mask) {
-  check_mask(mask, "cu_seqlens");
-  const Tensor m = mask.to(at::kBool).contiguous();  // [B, T]
-  return to_int32_tensor(mask_prefix_counts(m.const_data_ptr<bool>(), mask.size(0), mask.size(1)),
-                         "cu_seqlens");
-}
-
 Tensor position_ids_cpu(const Tensor& cu_seqlens, std::optional<int64_t> total) {
   check_cu_seqlens(cu_seqlens, cu_seqlens, "position_ids");
   const std::vector<int64_t> cu = read_cu_seqlens(cu_seqlens);
@@ -178,12 +170,12 @@ Tensor position_ids_cpu(const Tensor& cu_seqlens, std::optional<int64_t> total) 
 }
 
 // ------------------------------------------------------------------------------------------------
-// Segment reductions
+// Segment sums and their adjoint
 // ------------------------------------------------------------------------------------------------
 
-template <typename scalar_t, bool kMean>
-void segment_reduce_kernel(const scalar_t* values, scalar_t* out, const std::vector<int64_t>& cu,
-                           int64_t B, int64_t rows, int64_t inner) {
+template <typename scalar_t>
+void segment_sum_kernel(const scalar_t* values, scalar_t* out, const std::vector<int64_t>& cu,
+                        int64_t B, int64_t rows, int64_t inner) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
   at::parallel_for(0, B, grain_for(std::max<int64_t>(rows / std::max<int64_t>(B, 1), 1) * inner),
                    [&](int64_t b0, int64_t b1) {
@@ -196,51 +188,26 @@ void segment_reduce_kernel(const scalar_t* values, scalar_t* out, const std::vec
                          for (int64_t i = 0; i < inner; ++i) acc[i] += static_cast<acc_t>(row[i]);
                        }
                        for (int64_t i = 0; i < inner; ++i) {
-                         acc_t value = acc[i];
-                         if constexpr (kMean) {
-                           value /= static_cast<acc_t>(std::max<int64_t>(hi - lo, 1));
-                         }
-                         out[b * inner + i] = static_cast<scalar_t>(value);
+                         out[b * inner + i] = static_cast<scalar_t>(acc[i]);
                        }
                      }
                    });
 }
 
-template <bool kMean>
-Tensor segment_reduce_cpu(const Tensor& values, const Tensor& cu_seqlens, const char* op) {
-  check_segment_inputs(values, cu_seqlens, op);
+Tensor segment_sum_cpu(const Tensor& values, const Tensor& cu_seqlens) {
+  check_segment_inputs(values, cu_seqlens, "segment_sum");
   const std::vector<int64_t> cu = read_cu_seqlens(cu_seqlens);
   const int64_t B = static_cast<int64_t>(cu.size()) - 1;
   const Tensor vc = plain_contiguous(values);  // [rows, ...]
   const int64_t rows = vc.size(0), inner = inner_numel(vc, 1);
   Tensor out = at::empty(with_leading({B}, values.sizes().slice(1)), values.options());
   if (out.numel() == 0) return out;
-  if constexpr (kMean) {
-    TORCH_CHECK(at::isFloatingType(values.scalar_type()), "fastrl::", op,
-                ": values must be floating point, got ", values.scalar_type());
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, values.scalar_type(), "fastrl::segment_mean", [&] {
-          segment_reduce_kernel<scalar_t, true>(vc.const_data_ptr<scalar_t>(),
-                                                out.mutable_data_ptr<scalar_t>(), cu, B, rows,
-                                                inner);
-        });
-  } else {
-    AT_DISPATCH_ALL_TYPES_AND2(
-        at::kHalf, at::kBFloat16, values.scalar_type(), "fastrl::segment_sum", [&] {
-          segment_reduce_kernel<scalar_t, false>(vc.const_data_ptr<scalar_t>(),
-                                                 out.mutable_data_ptr<scalar_t>(), cu, B, rows,
-                                                 inner);
-        });
-  }
+  AT_DISPATCH_ALL_TYPES_AND2(
+      at::kHalf, at::kBFloat16, values.scalar_type(), "fastrl::segment_sum", [&] {
+        segment_sum_kernel<scalar_t>(vc.const_data_ptr<scalar_t>(),
+                                     out.mutable_data_ptr<scalar_t>(), cu, B, rows, inner);
+      });
   return out;
-}
-
-Tensor segment_sum_cpu(const Tensor& values, const Tensor& cu_seqlens) {
-  return segment_reduce_cpu<false>(values, cu_seqlens, "segment_sum");
-}
-
-Tensor segment_mean_cpu(const Tensor& values, const Tensor& cu_seqlens) {
-  return segment_reduce_cpu<true>(values, cu_seqlens, "segment_mean");
 }
 
 Tensor segment_broadcast_cpu(const Tensor& values, const Tensor& cu_seqlens, int64_t total) {
@@ -270,56 +237,13 @@ Tensor segment_broadcast_cpu(const Tensor& values, const Tensor& cu_seqlens, int
   return out;
 }
 
-// ------------------------------------------------------------------------------------------------
-// Group-wise advantage normalisation
-// ------------------------------------------------------------------------------------------------
-
-Tensor group_normalize_cpu(const Tensor& values, int64_t group_size, bool scale_by_std,
-                           double eps) {
-  check_group_normalize_inputs(values, group_size);
-  const at::ScalarType out_dtype = at::promote_types(values.scalar_type(), at::kFloat);
-  const Tensor v = values.to(at::kDouble).contiguous();  // [N, ...]
-  Tensor out = at::empty_like(v);
-  if (v.numel() == 0) return out.to(out_dtype);
-  const int64_t S = group_size, G = v.size(0) / S, inner = inner_numel(v, 1);
-  const double* in = v.const_data_ptr<double>();
-  double* res = out.mutable_data_ptr<double>();
-  at::parallel_for(0, G, grain_for(S * inner), [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      for (int64_t i = 0; i < inner; ++i) {
-        const int64_t base = g * S * inner + i;
-        double sum = 0.0;
-        for (int64_t s = 0; s < S; ++s) sum += in[base + s * inner];
-        const double mean = sum / static_cast<double>(S);
-        double denom = 1.0;
-        if (scale_by_std) {
-          double squares = 0.0;
-          for (int64_t s = 0; s < S; ++s) {
-            const double centred = in[base + s * inner] - mean;
-            squares += centred * centred;
-          }
-          denom = std::sqrt(squares / static_cast<double>(S)) + eps;
-        }
-        for (int64_t s = 0; s < S; ++s) {
-          const double centred = in[base + s * inner] - mean;
-          res[base + s * inner] = scale_by_std ? centred / denom : centred;
-        }
-      }
-    }
-  });
-  return out.to(out_dtype);
-}
-
 }  // namespace
 }  // namespace fastrl
 
 TORCH_LIBRARY_IMPL(fastrl, CPU, m) {
   m.impl("pack", &fastrl::pack_cpu);
   m.impl("unpack", &fastrl::unpack_cpu);
-  m.impl("cu_seqlens", &fastrl::cu_seqlens_cpu);
   m.impl("position_ids", &fastrl::position_ids_cpu);
   m.impl("segment_sum", &fastrl::segment_sum_cpu);
-  m.impl("segment_mean", &fastrl::segment_mean_cpu);
   m.impl("segment_broadcast", &fastrl::segment_broadcast_cpu);
-  m.impl("group_normalize", &fastrl::group_normalize_cpu);
 }

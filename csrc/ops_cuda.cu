@@ -11,9 +11,9 @@
 //   gather     copies whole rows as raw bytes (every dtype), 16/8/4/2/1-byte vectors by alignment,
 //              a 2-D block (lanes over a row, several rows per block) so narrow and wide rows
 //              both keep the threads busy; every output element is written once (no memset).
-//   reduce     segment sums/means: one block per (segment, column tile), rows split over the
-//              block's y threads and combined in shared memory; fp32 accumulation (fp64 for fp64,
-//              int64 for integers); deterministic (no atomics).
+//   reduce     segment sums: one block per (segment, column tile), rows split over the block's
+//              y threads and combined in shared memory; fp32 accumulation (fp64 for fp64, int64
+//              for integers); deterministic (no atomics).
 // The only host synchronisations: pack and position_ids read the total once when it is not given.
 // Unlike the CPU kernels, nothing here can raise on data (that would need a sync): a count past
 // 2^31 - 1 wraps in the int32 cu_seqlens, and inconsistent cu_seqlens are clamped, not reported.
@@ -270,13 +270,6 @@ Tensor unpack_cuda(const Tensor& packed, const Tensor& cu_seqlens, const Tensor&
   return out;
 }
 
-Tensor cu_seqlens_cuda(const Tensor& mask) {
-  check_mask(mask, "cu_seqlens");
-  const c10::cuda::OptionalCUDAGuard guard(mask.device());
-  const auto [m, scan] = mask_scan(mask);
-  return cu_seqlens_from_scan(scan, m);
-}
-
 Tensor position_ids_cuda(const Tensor& cu_seqlens, std::optional<int64_t> total) {
   check_cu_seqlens(cu_seqlens, cu_seqlens, "position_ids");
   const c10::cuda::OptionalCUDAGuard guard(cu_seqlens.device());
@@ -294,10 +287,10 @@ Tensor position_ids_cuda(const Tensor& cu_seqlens, std::optional<int64_t> total)
   return out;
 }
 
-template <typename scalar_t, bool kMean>
-__global__ void segment_reduce_kernel(const scalar_t* __restrict__ values,
-                                      scalar_t* __restrict__ out, const int64_t* __restrict__ cu,
-                                      int64_t B, int64_t rows, int64_t inner) {
+template <typename scalar_t>
+__global__ void segment_sum_kernel(const scalar_t* __restrict__ values,
+                                   scalar_t* __restrict__ out, const int64_t* __restrict__ cu,
+                                   int64_t B, int64_t rows, int64_t inner) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
   extern __shared__ unsigned char shared_bytes[];
   acc_t* partial = reinterpret_cast<acc_t*>(shared_bytes);  // [blockDim.y, blockDim.x]
@@ -321,19 +314,15 @@ __global__ void segment_reduce_kernel(const scalar_t* __restrict__ values,
         if (ty < half) partial[ty * lanes + tx] += partial[(ty + half) * lanes + tx];
         __syncthreads();
       }
-      if (ty == 0 && col < inner) {
-        acc_t result = partial[tx];
-        if constexpr (kMean) result /= static_cast<acc_t>(hi - lo > 0 ? hi - lo : 1);
-        out[b * inner + col] = static_cast<scalar_t>(result);
-      }
+      if (ty == 0 && col < inner) out[b * inner + col] = static_cast<scalar_t>(partial[tx]);
       __syncthreads();  // `partial` is reused by the next tile
     }
   }
 }
 
-template <typename scalar_t, bool kMean>
-void launch_segment_reduce(const Tensor& values, Tensor& out, const Tensor& cu, int64_t B,
-                           int64_t inner) {
+template <typename scalar_t>
+void launch_segment_sum(const Tensor& values, Tensor& out, const Tensor& cu, int64_t B,
+                        int64_t inner) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
   unsigned int lanes = 1;
   while (lanes < 32 && lanes < inner) lanes *= 2;  // columns per block: power of two in [1, 32]
@@ -342,15 +331,14 @@ void launch_segment_reduce(const Tensor& values, Tensor& out, const Tensor& cu, 
   const dim3 grid(static_cast<unsigned int>(std::min<int64_t>(B, 0x7fffffff)),
                   static_cast<unsigned int>(std::min<int64_t>(tiles, 65535)));
   const size_t shared = sizeof(acc_t) * block.x * block.y;
-  segment_reduce_kernel<scalar_t, kMean><<<grid, block, shared, stream()>>>(
+  segment_sum_kernel<scalar_t><<<grid, block, shared, stream()>>>(
       values.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
       cu.const_data_ptr<int64_t>(), B, values.size(0), inner);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <bool kMean>
-Tensor segment_reduce_cuda(const Tensor& values, const Tensor& cu_seqlens, const char* op) {
-  check_segment_inputs(values, cu_seqlens, op);
+Tensor segment_sum_cuda(const Tensor& values, const Tensor& cu_seqlens) {
+  check_segment_inputs(values, cu_seqlens, "segment_sum");
   const c10::cuda::OptionalCUDAGuard guard(values.device());
   const Tensor cu = cu_seqlens.to(at::kLong).contiguous();  // [B+1]
   const int64_t B = cu.numel() - 1;
@@ -358,28 +346,9 @@ Tensor segment_reduce_cuda(const Tensor& values, const Tensor& cu_seqlens, const
   const int64_t inner = inner_numel(vc, 1);
   Tensor out = at::empty(with_leading({B}, values.sizes().slice(1)), values.options());
   if (out.numel() == 0) return out;
-  if constexpr (kMean) {
-    TORCH_CHECK(at::isFloatingType(values.scalar_type()), "fastrl::", op,
-                ": values must be floating point, got ", values.scalar_type());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(),
-                                    "fastrl::segment_mean", [&] {
-                                      launch_segment_reduce<scalar_t, true>(vc, out, cu, B, inner);
-                                    });
-  } else {
-    AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(),
-                               "fastrl::segment_sum", [&] {
-                                 launch_segment_reduce<scalar_t, false>(vc, out, cu, B, inner);
-                               });
-  }
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "fastrl::segment_sum",
+                             [&] { launch_segment_sum<scalar_t>(vc, out, cu, B, inner); });
   return out;
-}
-
-Tensor segment_sum_cuda(const Tensor& values, const Tensor& cu_seqlens) {
-  return segment_reduce_cuda<false>(values, cu_seqlens, "segment_sum");
-}
-
-Tensor segment_mean_cuda(const Tensor& values, const Tensor& cu_seqlens) {
-  return segment_reduce_cuda<true>(values, cu_seqlens, "segment_mean");
 }
 
 Tensor segment_broadcast_cuda(const Tensor& values, const Tensor& cu_seqlens, int64_t total) {
@@ -402,62 +371,15 @@ Tensor segment_broadcast_cuda(const Tensor& values, const Tensor& cu_seqlens, in
   return out;
 }
 
-// One thread per (group, column): two passes over the group's S rows in fp64.
-__global__ void group_normalize_kernel(const double* __restrict__ in, double* __restrict__ out,
-                                       int64_t groups, int64_t S, int64_t inner, bool scale_by_std,
-                                       double eps) {
-  for (int64_t k = global_index(); k < groups * inner; k += global_stride()) {
-    const int64_t g = k / inner, i = k - g * inner;
-    const int64_t base = g * S * inner + i;
-    double sum = 0.0;
-    for (int64_t s = 0; s < S; ++s) sum += in[base + s * inner];
-    const double mean = sum / static_cast<double>(S);
-    double denom = 1.0;
-    if (scale_by_std) {
-      double squares = 0.0;
-      for (int64_t s = 0; s < S; ++s) {
-        const double centred = in[base + s * inner] - mean;
-        squares += centred * centred;
-      }
-      denom = sqrt(squares / static_cast<double>(S)) + eps;
-    }
-    for (int64_t s = 0; s < S; ++s) {
-      const double centred = in[base + s * inner] - mean;
-      out[base + s * inner] = scale_by_std ? centred / denom : centred;
-    }
-  }
-}
-
-Tensor group_normalize_cuda(const Tensor& values, int64_t group_size, bool scale_by_std,
-                            double eps) {
-  check_group_normalize_inputs(values, group_size);
-  const c10::cuda::OptionalCUDAGuard guard(values.device());
-  const at::ScalarType out_dtype = at::promote_types(values.scalar_type(), at::kFloat);
-  const Tensor v = values.to(at::kDouble).contiguous();  // [N, ...]
-  Tensor out = at::empty_like(v);
-  if (v.numel() > 0) {
-    const int64_t groups = v.size(0) / group_size, inner = inner_numel(v, 1);
-    group_normalize_kernel<<<grid_for(groups * inner), kThreads, 0,
-                             stream()>>>(
-        v.const_data_ptr<double>(), out.mutable_data_ptr<double>(), groups, group_size, inner,
-        scale_by_std, eps);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return out.to(out_dtype);
-}
-
 }  // namespace
 }  // namespace fastrl
 
 TORCH_LIBRARY_IMPL(fastrl, CUDA, m) {
   m.impl("pack", &fastrl::pack_cuda);
   m.impl("unpack", &fastrl::unpack_cuda);
-  m.impl("cu_seqlens", &fastrl::cu_seqlens_cuda);
   m.impl("position_ids", &fastrl::position_ids_cuda);
   m.impl("segment_sum", &fastrl::segment_sum_cuda);
-  m.impl("segment_mean", &fastrl::segment_mean_cuda);
   m.impl("segment_broadcast", &fastrl::segment_broadcast_cuda);
-  m.impl("group_normalize", &fastrl::group_normalize_cuda);
 }
 
 #endif  // FASTRL_WITH_CUDA

@@ -244,7 +244,7 @@ def test_bad_replay_file_or_policy_is_a_clear_error(tmp_path, capsys):
 def test_bench_verb_lists_and_runs_the_benchmark_scripts(capfd):
     assert main(["bench"]) == 0
     listed = capfd.readouterr().out.split()
-    assert {"token_logprobs", "fused_linear", "policy_loss", "packing"} <= set(listed)
+    assert {"logprobs", "fused_linear", "policy_loss", "packing"} <= set(listed)
     assert main(["bench", "policy_loss", "--help"]) == 0  # arguments reach the script
     assert "--reps" in capfd.readouterr().out
     assert main(["bench", "policy_loss", "--b", "two"]) == 2  # its exit code comes back

@@ -1,8 +1,9 @@
 """Fused LM head + token statistics: `token_logprobs(hidden @ weight.T, ...)` in row chunks.
 
-Same contract as `fastrl.ops.reference.fused_linear_token_logprobs`. The op returns logprobs and
-entropy whose loss gradient is only known later (the policy loss runs after it), so the gradient
-cannot be produced during the forward as a fused cross-entropy would. Instead:
+The Triton backend of `fastrl.ops.fused_linear_token_logprobs`, which checks the inputs and wraps
+the returned tuple; the torch reference is `fastrl/ops/ref_fused_linear.py`. The op returns
+logprobs and entropy whose loss gradient is only known later (the policy loss runs after it), so
+the gradient cannot be produced during the forward as a fused cross-entropy would. Instead:
 
 Forward, per chunk of C rows: logits = hidden_chunk @ weight.T by a torch matmul (cuBLAS on GPU)
 in the input dtype with fp32 accumulation, written into one reused `(C, V)` buffer, then the Triton
@@ -22,31 +23,21 @@ FLOPs: forward 2·N·H·V; backward 2·N·H·V (recompute) + 4·N·H·V (the two
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from fastrl.ops.reference import TokenStats, _check_token_inputs
-
-from .logprobs import (
-    _empty,
-    as_control_ids,
-    new_stats,
-    stats_backward,
-    stats_forward,
-)
+from .logprobs import _empty, new_stats, stats_backward, stats_forward
 
 __all__ = ["default_chunk_rows", "fused_linear_token_logprobs"]
 
-# Bytes of one logits chunk in the input dtype (the only `(C, V)` tensor). Large chunks keep the
-# two backward matmuls compute bound; at V = 152k and bf16 this is about 880 rows.
-CHUNK_BYTES = 256 * 2**20
+# Bytes of the one reused `(C, V)` logits buffer, in the input dtype. Large chunks keep the two
+# backward matmuls compute bound; at V = 152k and bf16 this is about 880 rows.
+CHUNK_BUFFER_BYTES = 256 * 2**20
 
 
 def default_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: about `CHUNK_BYTES` of logits, a multiple of 128 when that large."""
-    rows = max(1, CHUNK_BYTES // (dtype.itemsize * max(vocab, 1)))
+    """Rows per chunk: about `CHUNK_BUFFER_BYTES` of logits, a multiple of 128 when that large."""
+    rows = max(1, CHUNK_BUFFER_BYTES // (dtype.itemsize * max(vocab, 1)))
     return rows - rows % 128 if rows >= 128 else rows
 
 
@@ -147,42 +138,28 @@ def fused_linear_token_logprobs(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
-    *,
     temperature: float = 1.0,
     with_entropy: bool = True,
-    control_ids: Tensor | Sequence[int] | None = None,
+    control_ids: Tensor | None = None,
     ignore_index: int = -100,
     chunk_size: int | None = None,
-) -> TokenStats:
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """`token_logprobs(hidden @ weight.T, ...)` holding one row chunk of logits at a time (Triton).
 
     Args:
         hidden: `(N, H)` final hidden states.
         weight: `(V, H)` LM-head weight, same dtype as `hidden`.
         labels: `(N,)` int64 target ids.
-        chunk_size: rows per chunk; by default `default_chunk_rows` (about `CHUNK_BYTES`).
-        temperature, with_entropy, control_ids, ignore_index: as in `token_logprobs`.
+        chunk_size: rows per chunk (>= 1); by default `default_chunk_rows`.
+        temperature, with_entropy, control_ids, ignore_index: as in `logprobs.token_logprobs`.
 
     Returns:
-        TokenStats with `logprobs (N,)`, `entropy (N,)`, `control_probs (N, K)`, all float32.
+        `logprobs (N,)`, `entropy (N,)` or None, `control_probs (N, K)` or None, all float32.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden (N, H) and weight (V, H) do not match: {tuple(hidden.shape)}, "
-            f"{tuple(weight.shape)}"
-        )
-    _check_token_inputs(hidden.shape[0], labels, temperature)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     vocab = weight.shape[0]
     rows = chunk_size if chunk_size is not None else default_chunk_rows(vocab, hidden.dtype)
-    ids = as_control_ids(control_ids, vocab, hidden.device)
     labels = labels.to(device=hidden.device, dtype=torch.long).contiguous()
     logprobs, entropy, control = _FusedLinearTokenLogprobsFunction.apply(
-        hidden, weight, labels, float(temperature), with_entropy, ids, ignore_index, rows
+        hidden, weight, labels, float(temperature), with_entropy, control_ids, ignore_index, rows
     )
-    return TokenStats(
-        logprobs=logprobs,
-        entropy=entropy if with_entropy else None,
-        control_probs=control if ids is not None else None,
-    )
+    return logprobs, entropy if with_entropy else None, control if control_ids is not None else None

@@ -1,7 +1,8 @@
 """Triton token statistics: label logprob, entropy and control-token probabilities of a softmax.
 
-Same contract as `fastrl.ops.reference.token_logprobs` (see there for the formulas): with
-z = logits / T, lse = log Σ_j exp(z_j) and log p = z − lse,
+The Triton backend of `fastrl.ops.token_logprobs`, which checks the inputs and wraps the returned
+tuple; the torch reference is `fastrl/ops/ref_logprobs.py`. With z = logits / T,
+lse = log Σ_j exp(z_j) and log p = z − lse,
 
     logprob = z_y − lse,  entropy H = −Σ_j p_j log p_j = lse − Σ_j p_j z_j,
     d logprob / dz_j = 1[j = y] − p_j,  dH / dz_j = −p_j (log p_j + H),  d/dlogits = (d/dz) / T.
@@ -25,14 +26,10 @@ statistics are accumulated in fp32 whatever the logits dtype; the gradient has t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from fastrl.ops.reference import TokenStats, _as_index, _check_token_inputs
 
 __all__ = ["block_size", "token_logprobs"]
 
@@ -290,27 +287,6 @@ def new_stats(
     return lse, logprobs, entropy, control
 
 
-def check_control_ids(ids: Tensor | None, vocab: int) -> None:
-    """Reject out-of-range control ids (checked only for host ids: no device synchronisation)."""
-    if ids is None or ids.numel() == 0 or ids.device.type != "cpu":
-        return
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab:
-        raise IndexError(f"control_ids must lie in [0, {vocab}), got [{low}, {high}]")
-
-
-def as_control_ids(
-    control_ids: Tensor | Sequence[int] | None, vocab: int, device: torch.device
-) -> Tensor | None:
-    """`(K,)` contiguous int64 ids on `device`, range-checked while they are on the host."""
-    if control_ids is None:
-        return None
-    on_device = isinstance(control_ids, Tensor) and control_ids.device.type != "cpu"
-    if not on_device:
-        check_control_ids(_as_index(control_ids, torch.device("cpu")), vocab)
-    return _as_index(control_ids, device).contiguous()
-
-
 # --------------------------------------------------------------------------------------------
 # Autograd function and public op
 # --------------------------------------------------------------------------------------------
@@ -375,44 +351,36 @@ class _TokenLogprobsFunction(torch.autograd.Function):
 def token_logprobs(
     logits: Tensor,
     labels: Tensor,
-    *,
     temperature: float = 1.0,
     with_entropy: bool = True,
-    control_ids: Tensor | Sequence[int] | None = None,
+    control_ids: Tensor | None = None,
     ignore_index: int = -100,
     inplace_backward: bool = False,
-) -> TokenStats:
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Log-probability of each label, entropy and control-token probabilities (Triton).
 
     Args:
         logits: `(N, V)` fp32/bf16/fp16 logits (CUDA, or CPU under `TRITON_INTERPRET=1`).
         labels: `(N,)` int64 target ids; rows equal to `ignore_index` give 0 and no gradient.
-        temperature: the logits are divided by it.
+        temperature: the logits are divided by it (> 0).
         with_entropy: compute the entropy (it carries gradient like the logprobs).
-        control_ids: `(K,)` ids whose probabilities are returned, detached.
+        control_ids: `(K,)` contiguous int64 ids in [0, V) on the logits' device whose
+            probabilities are returned, detached, or None.
         ignore_index: label value of rows to skip.
         inplace_backward: write d(logits) into the logits buffer instead of a new tensor; only
             when nothing else needs the logits after this op's backward.
 
     Returns:
-        TokenStats with `logprobs (N,)`, `entropy (N,)`, `control_probs (N, K)`, all float32.
+        `logprobs (N,)`, `entropy (N,)` or None, `control_probs (N, K)` or None, all float32.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must have shape (N, V), got {tuple(logits.shape)}")
-    _check_token_inputs(logits.shape[0], labels, temperature)
-    ids = as_control_ids(control_ids, logits.shape[1], logits.device)
     labels = labels.to(device=logits.device, dtype=torch.long).contiguous()
     logprobs, entropy, control = _TokenLogprobsFunction.apply(
         logits,
         labels,
         float(temperature),
         with_entropy,
-        ids,
+        control_ids,
         ignore_index,
         inplace_backward,
     )
-    return TokenStats(
-        logprobs=logprobs,
-        entropy=entropy if with_entropy else None,
-        control_probs=control if ids is not None else None,
-    )
+    return logprobs, entropy if with_entropy else None, control if control_ids is not None else None

@@ -1,6 +1,7 @@
 """Fused Triton forward + backward of the clipped PPO/GRPO policy loss (`fastrl.ops.policy_loss`).
 
-Same signature, outputs, statistics and autograd behaviour as `fastrl.ops.reference.policy_loss`.
+The Triton backend of `fastrl.ops.policy_loss`, which checks the inputs first: same arguments,
+outputs, statistics and autograd behaviour as the torch reference `fastrl/ops/ref_policy_loss.py`.
 
 Design:
     `_policy_loss_rows_kernel`, grid `(B,)`: one program per row loops over T in blocks of
@@ -21,8 +22,9 @@ with any strides (advantages `(B,)` use a zero stride), masks bool / int / float
 
 Differences from the reference, by design: bf16/fp16 inputs are computed in fp32 rather than in
 their own dtype (more accurate), `k3` uses a series for small |d| (no cancellation), and the
-result is not differentiable twice. When `old_logprobs`, `advantages` or `ref_logprobs` require a
-gradient (the kernel only differentiates `logprobs` and `entropy`), the torch reference is used.
+result is not differentiable twice. The kernel differentiates `logprobs` and `entropy` only: when
+`old_logprobs`, `advantages` or `ref_logprobs` require a gradient, `fastrl.ops.policy_loss` calls
+the torch reference instead.
 """
 
 import contextlib
@@ -34,10 +36,10 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from fastrl.ops import reference
-from fastrl.ops.reference import KL_ESTIMATORS, LOSS_AGGREGATIONS
-
 __all__ = ["policy_loss"]
+
+# The `KL_EST` code the rows kernel is compiled with, per `kl_estimator`.
+KL_ESTIMATOR_CODES = {"k1": 1, "k2": 2, "k3": 3}
 
 # Columns of the per-row partials `(B, N_PARTIALS)`: valid tokens, row value of the loss and of
 # pg (row sums divided by the row normaliser), and the masked row sums of KL, ratio, clip-low,
@@ -363,7 +365,7 @@ def _launch(
                 HAS_DUAL=cfg.dual_clip is not None,
                 HAS_REF=has_ref,
                 USE_KL=has_ref and cfg.kl_coef != 0.0,
-                KL_EST=KL_ESTIMATORS.index(cfg.kl_estimator) + 1,
+                KL_EST=KL_ESTIMATOR_CODES[cfg.kl_estimator],
                 HAS_ENT=has_ent,
                 USE_ENT=has_ent and cfg.entropy_coef != 0.0,
                 ROW_MEAN=agg == "seq-mean-token-mean",
@@ -421,49 +423,11 @@ class _PolicyLossFunction(torch.autograd.Function):
         return g_lp, g_ent, None, None, None, None, None
 
 
-def _check_inputs(
-    logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    ref_logprobs: Tensor | None,
-    dual_clip: float | None,
-    kl_coef: float,
-    kl_estimator: str,
-    loss_agg: str,
-) -> None:
-    """The reference's checks, in its order and with its messages."""
-    if logprobs.dim() != 2 or mask.shape != logprobs.shape:
-        raise ValueError(
-            f"logprobs and mask must both be (B, T); got {tuple(logprobs.shape)}, "
-            f"{tuple(mask.shape)}"
-        )
-    adv = advantages[:, None] if advantages.dim() == 1 else advantages
-    if (
-        adv.dim() != 2
-        or adv.shape[0] != logprobs.shape[0]
-        or adv.shape[1] not in (1, mask.shape[1])
-    ):
-        raise ValueError(f"advantages must be (B,) or (B, T), got {tuple(advantages.shape)}")
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(
-            f"unknown kl_estimator {kl_estimator!r}; valid values: {', '.join(KL_ESTIMATORS)}"
-        )
-    if kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError("kl_coef != 0 needs ref_logprobs")
-    if loss_agg not in LOSS_AGGREGATIONS:
-        raise ValueError(
-            f"unknown loss_agg {loss_agg!r}; valid values: {', '.join(LOSS_AGGREGATIONS)}"
-        )
-
-
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
-    *,
     ref_logprobs: Tensor | None = None,
     entropy: Tensor | None = None,
     clip_low: float = 0.2,
@@ -475,45 +439,20 @@ def policy_loss(
     loss_agg: str = "token-mean",
     norm_len: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Fused Triton version of `fastrl.ops.reference.policy_loss` (same arguments and returns).
+    """Fused Triton version of the torch reference `policy_loss` (same arguments and returns).
 
     Args:
-        logprobs, old_logprobs, mask: `(B, T)`; ref_logprobs, entropy: `(B, T)` or None.
+        logprobs, old_logprobs, mask: `(B, T)`; ref_logprobs, entropy: `(B, T)` or None, all on
+            one device (CUDA, or CPU under `TRITON_INTERPRET=1`).
         advantages: `(B,)` or `(B, T)`.
+        dual_clip: None or > 1; kl_estimator: a key of `KL_ESTIMATOR_CODES`; loss_agg: one of
+            the reference's `LOSS_AGGREGATIONS`; kl_coef != 0 only with `ref_logprobs`.
 
     Returns:
         The scalar loss (differentiable w.r.t. `logprobs` and, with `entropy_coef != 0`,
         `entropy`) and the reference's statistics as detached 0-dim tensors of its dtypes.
     """
-    _check_inputs(
-        logprobs, advantages, mask, ref_logprobs, dual_clip, kl_coef, kl_estimator, loss_agg
-    )
-    kwargs = {
-        "ref_logprobs": ref_logprobs,
-        "entropy": entropy,
-        "clip_low": clip_low,
-        "clip_high": clip_high,
-        "dual_clip": dual_clip,
-        "kl_coef": kl_coef,
-        "kl_estimator": kl_estimator,
-        "entropy_coef": entropy_coef,
-        "loss_agg": loss_agg,
-        "norm_len": norm_len,
-    }
     grad_mode = torch.is_grad_enabled()
-    if grad_mode and any(
-        x is not None and x.requires_grad for x in (old_logprobs, advantages, ref_logprobs)
-    ):
-        # Gradients w.r.t. these are not fused; the reference gives them exactly.
-        return reference.policy_loss(logprobs, old_logprobs, advantages, mask, **kwargs)
-    tensors = [
-        t
-        for t in (logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy)
-        if t is not None
-    ]
-    if any(t.device != logprobs.device for t in tensors):
-        raise RuntimeError("policy_loss: all tensors must be on the same device")
-
     shape = logprobs.shape
     old = torch.broadcast_to(old_logprobs, shape)
     adv = (advantages[:, None] if advantages.dim() == 1 else advantages).expand(shape)

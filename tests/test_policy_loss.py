@@ -1,10 +1,8 @@
-"""The fused Triton policy loss against the torch reference computed in float64.
+"""`fastrl.ops.policy_loss`: the torch reference and the fused Triton kernel against float64.
 
-Runs on the CPU under the Triton interpreter: `TRITON_INTERPRET=1` is set before triton is imported
-(Triton picks interpreted or compiled when a kernel is decorated) and removed again if this module
-set it, so other test modules see the environment they expect; the dispatch test sets it back with
-monkeypatch. On a CUDA machine the same kernels run compiled; one test compiles them for sm_90 in a
-subprocess (no GPU needed).
+The Triton kernel runs under the Triton interpreter on CPU tensors (see tests/test_logprobs.py for
+how `TRITON_INTERPRET` is set around its import). On a CUDA machine the same kernels run compiled;
+one test compiles them for sm_90 in a subprocess (no GPU needed).
 """
 
 import os
@@ -42,6 +40,217 @@ AGGS = reference.LOSS_AGGREGATIONS
 F32_TOL = {"rtol": 1e-5, "atol": 1e-6}
 F64_TOL = {"rtol": 1e-10, "atol": 1e-12}
 BF16_TOL = {"rtol": 2e-2, "atol": 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    """`fastrl.ops` on the torch reference unless a test forces another backend."""
+    monkeypatch.setenv("FASTRL_BACKEND", "torch")
+
+
+# --------------------------------------------------------------------------------------------
+# Torch reference (through fastrl.ops)
+# --------------------------------------------------------------------------------------------
+
+
+def naive_policy_loss(
+    logp,
+    old,
+    adv,
+    mask,
+    ref,
+    ent,
+    clip_low,
+    clip_high,
+    dual_clip,
+    kl_coef,
+    est,
+    ent_coef,
+    agg,
+    norm_len,
+):
+    """Element-by-element float64 re-implementation of the policy loss."""
+    n_rows, n_cols = logp.shape
+    rows = []
+    for b in range(n_rows):
+        terms = []
+        for t in range(n_cols):
+            if not mask[b, t]:
+                continue
+            a = adv[b] if adv.dim() == 1 else adv[b, t]
+            r = torch.exp(logp[b, t] - old[b, t])
+            pg = torch.maximum(-a * r, -a * torch.clamp(r, 1 - clip_low, 1 + clip_high))
+            if dual_clip is not None and a < 0:
+                pg = torch.minimum(pg, -a * dual_clip)
+            d = ref[b, t] - logp[b, t]
+            kl = {"k1": -d, "k2": d * d / 2, "k3": torch.exp(d) - d - 1}[est]
+            terms.append(pg + kl_coef * kl - ent_coef * ent[b, t])
+        rows.append(terms)
+    nonempty = [torch.stack(terms) for terms in rows if terms]
+    if agg == "token-mean":
+        return torch.cat(nonempty).mean()
+    if agg == "seq-mean-token-mean":
+        return torch.stack([x.mean() for x in nonempty]).mean()
+    if agg == "seq-mean-token-sum":
+        return torch.stack([x.sum() for x in nonempty]).mean()
+    return torch.stack([x.sum() / (norm_len or n_cols) for x in nonempty]).mean()
+
+
+def policy_inputs(batch: int, length: int, seed: int, per_token_adv: bool):
+    gen = torch.Generator().manual_seed(seed)
+    kw = {"generator": gen, "dtype": torch.float64}
+    logp = (-torch.rand(batch, length, **kw) * 3 - 0.05).requires_grad_()  # [B, T]
+    old = logp.detach() + torch.randn(batch, length, **kw) * 0.4  # [B, T]
+    ref = logp.detach() + torch.randn(batch, length, **kw) * 0.3  # [B, T]
+    ent = (torch.rand(batch, length, **kw) * 2 + 0.1).requires_grad_()  # [B, T]
+    adv_shape = (batch, length) if per_token_adv else (batch,)
+    adv = torch.randn(*adv_shape, **kw)
+    mask = torch.rand(batch, length, generator=gen) < 0.7  # [B, T]
+    mask[2] = False  # an empty row
+    mask[0, 0] = True
+    return logp, old, adv, mask, ref, ent
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("per_token_adv", [False, True])
+@pytest.mark.parametrize("est", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_policy_loss_matches_float64(agg, per_token_adv, est, dual_clip):
+    logp, old, adv, mask, ref, ent = policy_inputs(5, 9, seed=11, per_token_adv=per_token_adv)
+    kw = {
+        "clip_low": 0.2,
+        "clip_high": 0.28,
+        "dual_clip": dual_clip,
+        "kl_coef": 0.1,
+        "kl_estimator": est,
+        "entropy_coef": 0.01,
+        "loss_agg": agg,
+        "norm_len": 12 if agg == "seq-mean-token-sum-norm" else None,
+    }
+    loss, stats = ops.policy_loss(logp, old, adv, mask, ref_logprobs=ref, entropy=ent, **kw)
+    expected = naive_policy_loss(
+        logp,
+        old,
+        adv,
+        mask,
+        ref,
+        ent,
+        kw["clip_low"],
+        kw["clip_high"],
+        dual_clip,
+        kw["kl_coef"],
+        est,
+        kw["entropy_coef"],
+        agg,
+        kw["norm_len"],
+    )
+    torch.testing.assert_close(loss, expected, atol=1e-12, rtol=1e-10)
+    got = torch.autograd.grad(loss, (logp, ent))
+    want = torch.autograd.grad(expected, (logp, ent))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+    for key in (
+        "clip_frac",
+        "clip_frac_low",
+        "clip_frac_high",
+        "kl",
+        "ratio_mean",
+        "pg_loss",
+        "entropy",
+    ):
+        assert stats[key].dim() == 0 and not stats[key].requires_grad
+    assert ("dual_clip_frac" in stats) == (dual_clip is not None)
+
+
+def test_policy_loss_hand_example():
+    ratios = torch.tensor([[1.5, 0.5, 1.1, 0.5, 5.0, 9.0]], dtype=torch.float64)
+    old = torch.full_like(ratios, -1.0)
+    logp = (old + ratios.log()).requires_grad_()  # [1, T]
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, -1.0, 2.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])  # the last token is padding
+    loss, stats = ops.policy_loss(logp, old, adv, mask, dual_clip=3.0)
+    # pg: −A·clip → −1.2; unclipped −0.5; 1.1; clipped low 0.8; max(5, 0.8) then dual clip 3
+    torch.testing.assert_close(loss, torch.tensor((-1.2 - 0.5 + 1.1 + 0.8 + 3.0) / 5).double())
+    torch.testing.assert_close(stats["clip_frac_high"], torch.tensor(0.2).double())
+    torch.testing.assert_close(stats["clip_frac_low"], torch.tensor(0.2).double())
+    torch.testing.assert_close(stats["clip_frac"], torch.tensor(0.4).double())
+    torch.testing.assert_close(stats["dual_clip_frac"], torch.tensor(0.2).double())
+    torch.testing.assert_close(stats["ratio_mean"], torch.tensor(8.6 / 5).double())
+    torch.testing.assert_close(stats["kl"], torch.tensor(0.0).double())
+    (grad,) = torch.autograd.grad(loss, logp)
+    # only tokens 1 (unclipped, A = 1) and 2 (unclipped, A = −1) carry gradient: −A·r / 5
+    expected = torch.tensor([[0.0, -0.5 / 5, 1.1 / 5, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_policy_loss_skips_empty_rows(agg):
+    logp, old, adv, mask, ref, ent = policy_inputs(5, 9, seed=12, per_token_adv=False)
+    kw = {
+        "ref_logprobs": ref,
+        "entropy": ent,
+        "kl_coef": 0.05,
+        "entropy_coef": 0.02,
+        "loss_agg": agg,
+        "norm_len": 9,
+    }
+    loss, _ = ops.policy_loss(logp, old, adv, mask, **kw)
+    keep = torch.tensor([0, 1, 3, 4])
+    kept = {k: (v[keep] if torch.is_tensor(v) else v) for k, v in kw.items()}
+    loss_kept, _ = ops.policy_loss(logp[keep], old[keep], adv[keep], mask[keep], **kept)
+    torch.testing.assert_close(loss, loss_kept, atol=1e-12, rtol=1e-12)
+
+
+def test_seq_mean_token_sum_norm_counts_only_rows_with_loss_tokens():
+    """B in Σℓm / (B · norm_len) is the rows that have a loss token (verl), not every row."""
+    logp = torch.zeros(3, 4, dtype=torch.float64, requires_grad=True)  # r = 1: pg = -A
+    adv = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)  # row 1 empty
+    loss, _ = ops.policy_loss(logp, logp.detach(), adv, mask, loss_agg="seq-mean-token-sum-norm",
+                              norm_len=4)  # fmt: skip
+    # (-1·2 - 5·3) / (2 rows · 4); dividing by all 3 rows would give -17/12
+    assert loss.item() == pytest.approx(-17 / 8)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_policy_loss_all_empty_mask(agg):
+    logp, old, adv, _, ref, ent = policy_inputs(3, 4, seed=13, per_token_adv=True)
+    old = old.clone()
+    old[0, 0] = -1e4  # padding garbage must not leak into the loss or its gradient
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    loss, stats = ops.policy_loss(
+        logp, old, adv, mask, ref_logprobs=ref, entropy=ent, kl_coef=0.1, loss_agg=agg
+    )
+    assert loss.item() == 0.0
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.all(grad == 0)
+    assert all(torch.isfinite(v) for v in stats.values())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_policy_loss_rejects_bad_options(backend, monkeypatch):
+    monkeypatch.setenv("FASTRL_BACKEND", backend)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    logp, old, adv, mask, ref, _ = policy_inputs(3, 4, seed=14, per_token_adv=False)
+    with pytest.raises(ValueError, match="seq-mean-token-mean"):
+        ops.policy_loss(logp, old, adv, mask, loss_agg="sum")
+    with pytest.raises(ValueError, match="k3"):
+        ops.policy_loss(logp, old, adv, mask, ref_logprobs=ref, kl_estimator="k4")
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        ops.policy_loss(logp, old, adv, mask, kl_coef=0.1)
+    with pytest.raises(ValueError, match="dual_clip"):
+        ops.policy_loss(logp, old, adv, mask, dual_clip=0.5)
+    with pytest.raises(ValueError, match="advantages"):
+        ops.policy_loss(logp, old, adv[:2], mask)
+    with pytest.raises(ValueError, match="mask"):
+        ops.policy_loss(logp, old, adv, mask[:, :2])
+    with pytest.raises(RuntimeError, match="same device"):
+        ops.policy_loss(logp, old.to("meta"), adv, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
 
 
 def make_inputs(
@@ -141,7 +350,7 @@ def options(agg: str = "token-mean", **overrides):
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("est", reference.KL_ESTIMATORS)
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
-def test_matches_float64_reference(agg, est, dual_clip):
+def test_triton_matches_float64_reference(agg, est, dual_clip):
     per_token = est != "k2"
     inputs = make_inputs(5, 37, seed=1, per_token_adv=per_token, empty_rows=(2,))
     kw = options(agg, kl_estimator=est, dual_clip=dual_clip)
@@ -152,14 +361,14 @@ def test_matches_float64_reference(agg, est, dual_clip):
 
 
 @pytest.mark.parametrize("agg", AGGS)
-def test_no_reference_no_entropy(agg):
+def test_triton_no_reference_no_entropy(agg):
     logp, old, adv, mask, _, _ = make_inputs(4, 37, seed=2, empty_rows=(1,))
     kw = options(agg, kl_coef=0.0, entropy_coef=0.0)
     _, stats, _ = check_against_float64(logp, old, adv, mask, None, None, kw)
     assert stats["kl"] == 0 and "entropy" not in stats
 
 
-def test_zero_coefficients_keep_kl_and_entropy_out_of_the_graph():
+def test_triton_zero_coefficients_keep_kl_and_entropy_out_of_the_graph():
     logp, old, adv, mask, ref, ent = make_inputs(3, 37, seed=3)
     kw = options("seq-mean-token-mean", kl_coef=0.0, entropy_coef=0.0)
     _, stats, grads = check_against_float64(logp, old, adv, mask, ref, ent, kw)
@@ -168,20 +377,20 @@ def test_zero_coefficients_keep_kl_and_entropy_out_of_the_graph():
 
 
 @pytest.mark.parametrize("agg", AGGS)
-def test_empty_rows_single_row_odd_length(agg):
+def test_triton_empty_rows_single_row_odd_length(agg):
     kw = options(agg, dual_clip=2.5)
     check_against_float64(*make_inputs(1, 37, seed=4, per_token_adv=True), kw)
     check_against_float64(*make_inputs(4, 37, seed=5, empty_rows=(1, 3)), kw)
 
 
 @pytest.mark.parametrize("agg", AGGS)
-def test_rows_spanning_several_blocks(agg, monkeypatch):
+def test_triton_rows_spanning_several_blocks(agg, monkeypatch):
     monkeypatch.setitem(tk.MAX_BLOCK_T, torch.float32, 16)  # T = 37: three loop steps per row
     kw = options(agg, dual_clip=3.0, kl_estimator="k2")
     check_against_float64(*make_inputs(3, 37, seed=17, per_token_adv=True, empty_rows=(1,)), kw)
 
 
-def test_long_rows_and_degenerate_shapes():
+def test_triton_long_rows_and_degenerate_shapes():
     length = tk.MAX_BLOCK_T[torch.float32] + 77
     kw = options("seq-mean-token-mean", dual_clip=3.0)
     check_against_float64(*make_inputs(2, length, seed=18, empty_rows=(1,)), kw)
@@ -191,7 +400,7 @@ def test_long_rows_and_degenerate_shapes():
 
 
 @pytest.mark.parametrize("agg", AGGS)
-def test_all_empty_mask(agg):
+def test_triton_all_empty_mask(agg):
     logp, old, adv, mask, ref, ent = make_inputs(3, 5, seed=6, per_token_adv=True)
     mask = torch.zeros_like(mask)
     kw = options(agg, dual_clip=3.0)
@@ -201,14 +410,14 @@ def test_all_empty_mask(agg):
     assert all(torch.isfinite(v) for v in stats.values())
 
 
-def test_float64_inputs_match_tightly():
+def test_triton_float64_inputs_match_tightly():
     for agg in AGGS:
         inputs = make_inputs(4, 37, seed=7, dtype=torch.float64, empty_rows=(3,))
         check_against_float64(*inputs, options(agg, dual_clip=3.0), tol=F64_TOL)
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_bf16_inputs(agg):
+def test_triton_bf16_inputs(agg):
     inputs = make_inputs(4, 37, seed=8, dtype=torch.bfloat16, per_token_adv=True)
     loss, stats, grads = check_against_float64(*inputs, options(agg, dual_clip=3.0), BF16_TOL)
     assert loss.dtype == torch.bfloat16 and grads[0].dtype == torch.bfloat16
@@ -216,7 +425,7 @@ def test_bf16_inputs(agg):
 
 
 @pytest.mark.parametrize("dual_clip", [None, 2.0])
-def test_ratios_far_outside_the_clip_range(dual_clip):
+def test_triton_ratios_far_outside_the_clip_range(dual_clip):
     logp, old, adv, mask, _, ent = make_inputs(
         6, 37, seed=9, per_token_adv=True, spread=1.5, empty_rows=(4,)
     )
@@ -232,8 +441,8 @@ def test_ratios_far_outside_the_clip_range(dual_clip):
     assert 0 < torch.count_nonzero(grads[0]) < torch.count_nonzero(mask)
 
 
-def test_hand_example_ties_and_clipping():
-    """The hand example of tests/test_ops.py: in-range ratios (u == c) keep the full gradient."""
+def test_triton_hand_example_ties_and_clipping():
+    """The hand example above: in-range ratios (u == c) keep the full gradient."""
     ratios = torch.tensor([[1.5, 0.5, 1.1, 0.5, 5.0, 9.0]], dtype=torch.float64)
     old = torch.full_like(ratios, -1.0)
     logp = (old + ratios.log()).requires_grad_()  # [1, T]
@@ -248,7 +457,7 @@ def test_hand_example_ties_and_clipping():
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.int64, torch.float32, torch.uint8])
-def test_mask_dtypes_and_strided_inputs(mask_dtype):
+def test_triton_mask_dtypes_and_strided_inputs(mask_dtype):
     logp, old, adv, mask, ref, ent = make_inputs(7, 5, seed=10, per_token_adv=True)
     # (T, B) storage seen as (B, T): every input strided along both dimensions
     logp_t, ent_t = (x.detach().T.contiguous().T.requires_grad_() for x in (logp, ent))
@@ -260,7 +469,7 @@ def test_mask_dtypes_and_strided_inputs(mask_dtype):
     )
 
 
-def test_output_dtypes_and_keys_match_the_reference():
+def test_triton_output_dtypes_and_keys_match_the_reference():
     cases = [
         (torch.bfloat16, torch.bfloat16, torch.bfloat16),
         (torch.float32, torch.bfloat16, torch.bfloat16),
@@ -279,7 +488,7 @@ def test_output_dtypes_and_keys_match_the_reference():
         assert [g.dtype for g in got[2]] == [g.dtype for g in want[2]]
 
 
-def test_no_grad_and_detached_inputs():
+def test_triton_no_grad_and_detached_inputs():
     logp, old, adv, mask, ref, ent = make_inputs(3, 9, seed=12)
     with torch.no_grad():
         loss, stats = tk.policy_loss(logp, old, adv, mask, ref_logprobs=ref, entropy=ent)
@@ -288,7 +497,7 @@ def test_no_grad_and_detached_inputs():
     torch.testing.assert_close(loss, want.detach(), **F32_TOL)
 
 
-def test_gradient_to_entropy_only_or_logprobs_only():
+def test_triton_gradient_to_entropy_only_or_logprobs_only():
     logp, old, adv, mask, ref, ent = make_inputs(3, 9, seed=20, empty_rows=(0,))
     _, _, grads = check_against_float64(logp.detach(), old, adv, mask, ref, ent, options())
     assert len(grads) == 1 and grads[0].shape == ent.shape
@@ -296,43 +505,41 @@ def test_gradient_to_entropy_only_or_logprobs_only():
     assert len(grads) == 1 and grads[0].shape == logp.shape
 
 
-def test_falls_back_to_reference_for_gradients_of_other_inputs():
+def test_triton_falls_back_to_reference_for_gradients_of_other_inputs(monkeypatch):
+    """`fastrl.ops` gives the gradient w.r.t. `old_logprobs` with the reference, not the kernel."""
+    monkeypatch.setenv("FASTRL_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return tk.policy_loss(*args, **kwargs)
+
+    monkeypatch.setattr(fastrl.triton_kernels, "policy_loss", spy)
     logp, old, adv, mask, ref, _ = make_inputs(3, 9, seed=13)
-    old = old.clone().requires_grad_()
-    grads = []
-    for fn in (tk.policy_loss, reference.policy_loss):
-        loss, _ = fn(logp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1)
-        grads.append(torch.autograd.grad(loss, (logp, old)))
-    for got, want in zip(*grads):
-        torch.testing.assert_close(got, want)
+    ops._choose.cache_clear()
+    try:
+        assert ops.select_backend("policy_loss", "cpu") == "triton"
+        loss, _ = ops.policy_loss(logp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1)
+        assert calls == [1]  # old_logprobs without a gradient: the kernel
+        old = old.clone().requires_grad_()
+        loss, _ = ops.policy_loss(logp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1)
+        assert calls == [1]
+        want, _ = reference.policy_loss(logp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1)
+    finally:
+        ops._choose.cache_clear()
+    got = torch.autograd.grad(loss, (logp, old))
+    for g, w in zip(got, torch.autograd.grad(want, (logp, old))):
+        torch.testing.assert_close(g, w)
 
 
-def test_backward_twice_with_retained_graph():
+def test_triton_backward_twice_with_retained_graph():
     logp, old, adv, mask, ref, ent = make_inputs(3, 9, seed=14)
     loss, _ = tk.policy_loss(logp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1)
     (2.0 * loss).backward(retain_graph=True)
     first = logp.grad.clone()
     loss.backward()
     torch.testing.assert_close(logp.grad, 1.5 * first)
-
-
-def test_rejects_bad_options_like_the_reference():
-    logp, old, adv, mask, ref, _ = make_inputs(3, 4, seed=15)
-    bad = [
-        ({"loss_agg": "sum"}, "seq-mean-token-mean"),
-        ({"ref_logprobs": ref, "kl_estimator": "k4"}, "k3"),
-        ({"kl_coef": 0.1}, "ref_logprobs"),
-        ({"dual_clip": 0.5}, "dual_clip"),
-    ]
-    for kwargs, match in bad:
-        for fn in (tk.policy_loss, reference.policy_loss):
-            with pytest.raises(ValueError, match=match):
-                fn(logp, old, adv, mask, **kwargs)
-    for fn in (tk.policy_loss, reference.policy_loss):
-        with pytest.raises(ValueError, match="advantages"):
-            fn(logp, old, adv[:2], mask)
-        with pytest.raises(ValueError, match="mask"):
-            fn(logp, old, adv, mask[:, :2])
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Token logprob + entropy + control-token probabilities over materialized logits.
 
-    python bench/bench_token_logprobs.py                 # CUDA: N sweep at V=160000; CPU: small
-    python bench/bench_token_logprobs.py --memory        # peak extra memory, N=4096, V=152064
-    python bench/bench_token_logprobs.py --n 32768 --v 160000
+    python bench/bench_logprobs.py                       # CUDA: N sweep at V=160000; CPU: small
+    python bench/bench_logprobs.py --memory              # peak extra memory, N=4096, V=152064
+    python bench/bench_logprobs.py --n 32768 --v 160000
 
 Providers, measured in the same run:
     naive           log_softmax over an fp32 copy of the logits, gather, entropy (eager torch)
@@ -55,7 +55,7 @@ def providers(device: torch.device) -> dict:
     out = {
         "naive": lambda x, y: naive(x, y, control)[:2],
         "compiled": None,
-        "fastrl-torch": lambda x, y: _stats(reference.token_logprobs, x, y),
+        "fastrl-torch": lambda x, y: _stats(reference.token_logprobs, x, y, control),
     }
     compiled = torch.compile(naive, dynamic=False)
     out["compiled"] = lambda x, y: compiled(x, y, control)[:2]
@@ -64,15 +64,18 @@ def providers(device: torch.device) -> dict:
             from fastrl import triton_kernels
 
             if callable(getattr(triton_kernels, "token_logprobs", None)):
-                out["fastrl-triton"] = lambda x, y: _stats(triton_kernels.token_logprobs, x, y)
+                out["fastrl-triton"] = lambda x, y: _stats(
+                    triton_kernels.token_logprobs, x, y, control
+                )
         except ImportError:
             pass
     return out
 
 
-def _stats(fn, logits, labels):
-    s = fn(logits, labels, with_entropy=True, control_ids=CONTROL_IDS)
-    return s.logprobs, s.entropy
+def _stats(fn, logits, labels, control):
+    """A backend function called as `fastrl.ops` calls it (ids as a tensor): logprobs, entropy."""
+    logprobs, entropy, _ = fn(logits, labels, with_entropy=True, control_ids=control)
+    return logprobs, entropy
 
 
 def _full(fn, logits, w1, w2, labels):
@@ -244,15 +247,16 @@ def memory(args) -> dict:
     dtype = getattr(torch, args.dtype)
     logits = torch.randn(n, v, device=device).to(dtype)
     labels = torch.randint(0, v, (n,), device=device)
+    control = torch.tensor(CONTROL_IDS, device=device)
     fp32_copy = n * v * 4
     result = {"N": n, "V": v, "dtype": args.dtype, "fp32_copy_bytes": fp32_copy}
     with torch.no_grad():
         for name, fn in (
             (
                 "fastrl-torch",
-                lambda: reference.token_logprobs(logits, labels, control_ids=CONTROL_IDS),
+                lambda: reference.token_logprobs(logits, labels, control_ids=control),
             ),
-            ("naive", lambda: naive(logits, labels, torch.tensor(CONTROL_IDS, device=device))),
+            ("naive", lambda: naive(logits, labels, control)),
         ):
             peak = peak_extra_bytes(fn, device)
             result[f"{name}_peak_extra_bytes"] = peak
@@ -278,7 +282,7 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="only the peak-memory case")
     args = parser.parse_args()
     payload = memory(args) if args.memory else run(args)
-    key = "token_logprobs_memory" if args.memory else "token_logprobs"
+    key = "logprobs_memory" if args.memory else "logprobs"
     print("results:", write_results(key, default_device(), payload))
 
 

@@ -12,12 +12,12 @@ falls back to the torch references), which registers the ops `torch.ops.fastrl.*
       pack                d x      = unpack(d packed, cu_seqlens, mask)
       unpack              d packed = pack(d out, mask, total=packed rows).packed
       segment_sum         d values = segment_broadcast(d out, cu_seqlens, rows)
-      segment_mean        d values = segment_broadcast(d out / count, cu_seqlens, rows)
       segment_broadcast   d values = segment_sum(d out, cu_seqlens)
-  `cu_seqlens`, `position_ids` and `group_normalize` carry no gradient.
+  `position_ids` carries no gradient.
 
 The functions below have the names and signatures of the `fastrl.ops` references and the same
-results on consistent inputs (see `csrc/ops.cpp` for the exact semantics, edge cases included).
+results on consistent inputs (see `csrc/ops.cpp` for the exact semantics, edge cases included);
+`segment_broadcast`, the adjoint of `segment_sum`, is not a `fastrl.ops` op.
 Host synchronisation: none, except on CUDA when `total` is None in `pack` (the count of set mask
 positions) and `position_ids` (`cu_seqlens[-1]`), each read once; pass `total` to avoid it.
 """
@@ -30,13 +30,10 @@ from torch import Tensor
 from fastrl import _C  # noqa: F401  (registers torch.ops.fastrl.*)
 
 __all__ = [
-    "cu_seqlens",
-    "group_normalize",
     "has_cuda_kernels",
     "pack",
     "position_ids",
     "segment_broadcast",
-    "segment_mean",
     "segment_sum",
     "unpack",
 ]
@@ -69,11 +66,6 @@ def unpack(packed: Tensor, cu_seqlens: Tensor, mask: Tensor) -> Tensor:
     return _ops.unpack(packed, cu_seqlens, mask)
 
 
-def cu_seqlens(mask: Tensor) -> Tensor:
-    """Int32 `(B+1,)` prefix sums of the number of set positions in each row of `mask (B, T)`."""
-    return _ops.cu_seqlens(mask)
-
-
 def position_ids(cu_seqlens: Tensor, total: int | None = None) -> Tensor:
     """Int64 position of each packed token within its sequence `(total,)`, restarting at 0."""
     return _ops.position_ids(cu_seqlens, total)
@@ -84,29 +76,12 @@ def segment_sum(values: Tensor, cu_seqlens: Tensor) -> Tensor:
     return _ops.segment_sum(values, cu_seqlens)
 
 
-def segment_mean(values: Tensor, cu_seqlens: Tensor) -> Tensor:
-    """Per-sequence mean of packed floating `values (total, ...)`: `(B, ...)`, 0 when empty."""
-    return _ops.segment_mean(values, cu_seqlens)
-
-
 def segment_broadcast(values: Tensor, cu_seqlens: Tensor, total: int) -> Tensor:
     """Per-sequence `values (B, ...)` repeated over each sequence's packed rows: `(total, ...)`.
 
     Rows past `cu_seqlens[-1]` are zeros. The adjoint of `segment_sum`.
     """
     return _ops.segment_broadcast(values, cu_seqlens, total)
-
-
-def group_normalize(
-    values: Tensor, group_size: int, *, scale_by_std: bool = True, eps: float = 1e-6
-) -> Tensor:
-    """Group-relative advantages of `values (N, ...)` grouped consecutively along dim 0.
-
-    `r − mean_g`, divided by `(std_g + eps)` (population std) when `scale_by_std` ("grpo"), not
-    ("drgrpo"); computed in float64 and returned in `promote_types(dtype, float32)`, as
-    `fastrl.algo.advantages.group_advantages` with `group_ids = arange(N) // group_size`.
-    """
-    return _ops.group_normalize(values, group_size, scale_by_std, eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,12 +122,6 @@ def _unpack_fake(packed: Tensor, cu_seqlens: Tensor, mask: Tensor) -> Tensor:
     return packed.new_empty((*mask.shape, *packed.shape[1:]))  # [B, T, ...]
 
 
-@torch.library.register_fake("fastrl::cu_seqlens")
-def _cu_seqlens_fake(mask: Tensor) -> Tensor:
-    torch._check(mask.dim() == 2, lambda: f"mask must be (B, T), got {tuple(mask.shape)}")
-    return mask.new_empty((mask.shape[0] + 1,), dtype=torch.int32)  # [B+1]
-
-
 @torch.library.register_fake("fastrl::position_ids")
 def _position_ids_fake(cu_seqlens: Tensor, total: int | None = None) -> Tensor:
     _check_cu_seqlens(cu_seqlens)
@@ -161,21 +130,11 @@ def _position_ids_fake(cu_seqlens: Tensor, total: int | None = None) -> Tensor:
     return cu_seqlens.new_empty((total,), dtype=torch.int64)  # [total]
 
 
-def _segment_reduce_fake(values: Tensor, cu_seqlens: Tensor) -> Tensor:
+@torch.library.register_fake("fastrl::segment_sum")
+def _segment_sum_fake(values: Tensor, cu_seqlens: Tensor) -> Tensor:
     torch._check(values.dim() >= 1, lambda: "values must be (rows, ...)")
     _check_cu_seqlens(cu_seqlens)
     return values.new_empty((cu_seqlens.shape[0] - 1, *values.shape[1:]))  # [B, ...]
-
-
-@torch.library.register_fake("fastrl::segment_sum")
-def _segment_sum_fake(values: Tensor, cu_seqlens: Tensor) -> Tensor:
-    return _segment_reduce_fake(values, cu_seqlens)
-
-
-@torch.library.register_fake("fastrl::segment_mean")
-def _segment_mean_fake(values: Tensor, cu_seqlens: Tensor) -> Tensor:
-    torch._check(values.dtype.is_floating_point, lambda: "values must be floating point")
-    return _segment_reduce_fake(values, cu_seqlens)
 
 
 @torch.library.register_fake("fastrl::segment_broadcast")
@@ -184,18 +143,6 @@ def _segment_broadcast_fake(values: Tensor, cu_seqlens: Tensor, total: int) -> T
     _check_cu_seqlens(cu_seqlens)
     torch._check(values.shape[0] == cu_seqlens.shape[0] - 1, lambda: "values must have B rows")
     return values.new_empty((total, *values.shape[1:]))  # [total, ...]
-
-
-@torch.library.register_fake("fastrl::group_normalize")
-def _group_normalize_fake(
-    values: Tensor, group_size: int, scale_by_std: bool, eps: float
-) -> Tensor:
-    torch._check(group_size >= 1, lambda: f"group_size must be >= 1, got {group_size}")
-    torch._check(
-        values.dim() >= 1 and values.shape[0] % group_size == 0,
-        lambda: f"values {tuple(values.shape)}: leading dim not a multiple of {group_size}",
-    )
-    return values.new_empty(values.shape, dtype=torch.promote_types(values.dtype, torch.float32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +173,7 @@ def _unpack_backward(ctx, grad: Tensor):
     return grad_packed, None, None
 
 
-def _segment_setup_context(ctx, inputs, output) -> None:
+def _segment_sum_setup_context(ctx, inputs, output) -> None:
     values, cu = inputs
     ctx.rows = values.shape[0]
     ctx.save_for_backward(cu)
@@ -235,20 +182,6 @@ def _segment_setup_context(ctx, inputs, output) -> None:
 def _segment_sum_backward(ctx, grad: Tensor):
     (cu,) = ctx.saved_tensors
     return _ops.segment_broadcast(grad, cu, ctx.rows), None
-
-
-def _segment_counts(cu: Tensor, rows: int) -> Tensor:
-    """Rows in each segment `(B,)` as the kernels count them (at least 1, for the mean)."""
-    bounds = cu.long().clamp(0, rows)  # [B+1]
-    starts = bounds[:-1].clone()  # [B]
-    starts[:1] = 0  # segment 0 takes every row before cu_seqlens[1], as searchsorted does
-    return (bounds[1:] - starts).clamp(min=1)  # [B]
-
-
-def _segment_mean_backward(ctx, grad: Tensor):
-    (cu,) = ctx.saved_tensors
-    counts = _segment_counts(cu, ctx.rows).reshape(-1, *([1] * (grad.dim() - 1)))  # [B, 1...]
-    return _ops.segment_broadcast(grad / counts, cu, ctx.rows), None
 
 
 def _segment_broadcast_setup_context(ctx, inputs, output) -> None:
@@ -266,10 +199,7 @@ torch.library.register_autograd(
     "fastrl::unpack", _unpack_backward, setup_context=_unpack_setup_context
 )
 torch.library.register_autograd(
-    "fastrl::segment_sum", _segment_sum_backward, setup_context=_segment_setup_context
-)
-torch.library.register_autograd(
-    "fastrl::segment_mean", _segment_mean_backward, setup_context=_segment_setup_context
+    "fastrl::segment_sum", _segment_sum_backward, setup_context=_segment_sum_setup_context
 )
 torch.library.register_autograd(
     "fastrl::segment_broadcast",
