@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(os.environ.get("FASTRL_LOG", "INFO"))  # before anything imports vLLM
     run_log = RunLogHandler()  # RUN_DIR/train.log, opened once the run directory is claimed
-    if args.verb in ("train", "demo"):
+    if args.verb in ("train", "demo") and int(os.environ.get("RANK", "0")) == 0:
         logging.getLogger().addHandler(run_log)
     try:
         return _run(args, argv)

@@ -42,7 +42,7 @@ VLLM_HARMLESS = (
     "The global random seed is set to",
     # chunked prefill is off on purpose: a partially prefilled seeded request crashes the CPU runner
     "This model does not officially support disabling chunked prefill",
-    # enforce_eager=True is the engine's default (weights are swapped in place every step)
+    # they restate VLLMEngine's own default, enforce_eager=True (no torch.compile, no CUDA graphs)
     "Enforce eager set",
     "Inductor compilation was disabled",
     # the engine restores torch.set_num_threads after vLLM's CPU worker replaces it
@@ -63,6 +63,13 @@ class _VLLMNoise(logging.Filter):
         return not str(record.msg).startswith(VLLM_HARMLESS)
 
 
+class _StderrHandler(logging.StreamHandler):
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.addFilter(_VLLMNoise())
+
+
 def setup_logging(level: str | int = "INFO") -> None:
     """Log records of fastrl and of vLLM to stderr through one handler, at `level`.
 
@@ -72,13 +79,9 @@ def setup_logging(level: str | int = "INFO") -> None:
     """
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "fastrl", False)]:  # a second call
+    for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:  # a second call
         root.removeHandler(old)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.fastrl = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.addFilter(_VLLMNoise())
-    root.addHandler(handler)
+    root.addHandler(_StderrHandler())
     root.setLevel(level)
     logging.getLogger("vllm").setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "WARNING").upper())
     # vLLM's Triton dispatcher walks torch.distributed's attributes at import and touches the
