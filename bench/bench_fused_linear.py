@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (  # noqa: E402
+    add_out_argument,
     ceilings,
     default_device,
     fmt_row,
@@ -132,6 +133,7 @@ def main() -> None:
     # bf16 matmuls are emulated (slow) on most CPUs: fp32 there.
     parser.add_argument("--dtype", default="bfloat16" if gpu else "float32")
     parser.add_argument("--reps", type=int, default=5)
+    add_out_argument(parser)
     args = parser.parse_args()
     device = default_device()
     dtype = getattr(torch, args.dtype)
@@ -193,7 +195,7 @@ def main() -> None:
                 widths,
             )
         )
-    path = write_results("fused_linear", device, {"ceilings": ceil, "rows": rows})
+    path = write_results("fused_linear", device, {"ceilings": ceil, "rows": rows}, args.out)
     print("results:", path)
 
 

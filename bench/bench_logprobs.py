@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (  # noqa: E402
+    add_out_argument,
     ceilings,
     default_device,
     fmt_row,
@@ -280,10 +281,11 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["fwd", "full", "grpo"])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--memory", action="store_true", help="only the peak-memory case")
+    add_out_argument(parser)
     args = parser.parse_args()
     payload = memory(args) if args.memory else run(args)
     key = "logprobs_memory" if args.memory else "logprobs"
-    print("results:", write_results(key, default_device(), payload))
+    print("results:", write_results(key, default_device(), payload, args.out))
 
 
 if __name__ == "__main__":

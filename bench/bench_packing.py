@@ -29,7 +29,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ceilings, default_device, fmt_row, measure_ms, write_results  # noqa: E402
+from harness import add_out_argument, ceilings, default_device, fmt_row, measure_ms, write_results  # noqa: E402
 
 from fastrl.ops import reference  # noqa: E402
 
@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--h", type=int, default=4096 if gpu else 1024, help="pack feature size")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--skip-model", action="store_true")
+    add_out_argument(parser)
     args = parser.parse_args()
     device = default_device()
     ceil = ceilings(device)
@@ -173,7 +174,7 @@ def main() -> None:
     payload = {"ceilings": ceil, "pack": bench_pack(args, device, ceil)}
     if not args.skip_model:
         payload["train_forward_backward"] = bench_model(args, device)
-    print("results:", write_results("packing", device, payload))
+    print("results:", write_results("packing", device, payload, args.out))
 
 
 if __name__ == "__main__":

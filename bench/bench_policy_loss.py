@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ceilings, default_device, fmt_row, measure_ms, write_results  # noqa: E402
+from harness import add_out_argument, ceilings, default_device, fmt_row, measure_ms, write_results  # noqa: E402
 
 from fastrl.ops import reference  # noqa: E402
 
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--b", type=int, default=64 if gpu else 16)
     parser.add_argument("--t", type=int, default=4096 if gpu else 1024)
     parser.add_argument("--reps", type=int, default=10)
+    add_out_argument(parser)
     args = parser.parse_args()
     device = default_device()
     b, t = args.b, args.t
@@ -99,7 +100,9 @@ def main() -> None:
                 widths,
             )
         )
-    print("results:", write_results("policy_loss", device, {"ceilings": ceil, "rows": rows}))
+    print(
+        "results:", write_results("policy_loss", device, {"ceilings": ceil, "rows": rows}, args.out)
+    )
 
 
 if __name__ == "__main__":

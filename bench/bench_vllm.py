@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -27,7 +26,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import default_device, fmt_row, measure_ms, write_results  # noqa: E402
+from harness import add_out_argument, default_device, fmt_row, measure_ms, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -36,8 +35,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--reps", type=int, default=5)
+    add_out_argument(parser)
     args = parser.parse_args()
 
+    from fastrl.config import cache_home
     from fastrl.envs import get_world
     from fastrl.models import load_model
     from fastrl.rollout.engines import HFEngine
@@ -47,7 +48,7 @@ def main() -> None:
 
     device = default_device()
     world = get_world("synthetic")
-    cache = os.environ.get("FASTRL_CACHE", os.path.join(tempfile.gettempdir(), "fastrl-bench"))
+    cache = cache_home() / "models"
     model, tok, model_dir = load_model(
         args.model, corpus=lambda: world.tokenizer_corpus(), cache_dir=cache, vocab_size=2048
     )
@@ -113,7 +114,7 @@ def main() -> None:
         "sync": sync_row,
         "generation": gen_rows,
     }
-    print("results:", write_results("vllm", device, payload))
+    print("results:", write_results("vllm", device, payload, args.out))
 
 
 if __name__ == "__main__":

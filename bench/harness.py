@@ -10,12 +10,15 @@ ratios it reports compare like with like:
     ceilings  a large device-to-device copy (GB/s, read + write bytes) and a large matmul
               (TFLOP/s; bf16 on CUDA, fp32 on CPU)
 
-Results are merged into `bench/results/<device>.json` under the script's name, with the device,
-versions, date and the command line.
+Results are merged into `--out` (default: `bench/<device>.json` under fastrl's cache directory,
+`$FASTRL_CACHE` or `~/.cache/fastrl`) under the script's name, with the device, versions, date and
+the command line. The committed `bench/results/<device>.json` change only when named:
+`--out bench/results/cpu.json`.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import json
@@ -29,8 +32,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def default_device() -> torch.device:
@@ -162,15 +163,29 @@ def environment(device: torch.device) -> dict[str, str]:
     return info
 
 
-def results_path(device: torch.device) -> Path:
+def default_out(device: torch.device) -> Path:
+    """`bench/<device>.json` under fastrl's cache directory."""
+    from fastrl.config import cache_home
+
     name = device_name(device).lower()
     slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", name)
-    return RESULTS_DIR / f"{slug.strip('-')}.json"
+    return cache_home() / "bench" / f"{slug.strip('-')}.json"
 
 
-def write_results(script: str, device: torch.device, payload: dict) -> Path:
-    """Merge `payload` under `script` into the device's results file (atomically)."""
-    path = results_path(device)
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON file the results are merged into (default: bench/<device>.json under "
+        "$FASTRL_CACHE or ~/.cache/fastrl; the committed ones: --out bench/results/cpu.json)",
+    )
+
+
+def write_results(
+    script: str, device: torch.device, payload: dict, out: str | Path | None = None
+) -> Path:
+    """Merge `payload` under `script` into `out` (default: `default_out`), atomically."""
+    path = Path(out) if out else default_out(device)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(path.read_text()) if path.exists() else {}
     data[script] = {"environment": environment(device), **payload}

@@ -1,5 +1,9 @@
 """Command line: `fastrl train | eval | demo | report | bench` (also `python -m fastrl ...`,
-torchrun)."""
+torchrun).
+
+Options and dotted overrides (`key=value`) may come in any order. Commands that print a JSON
+summary print only that line on stdout; logs, vLLM's included, go to stderr (and a training run's
+also to RUN_DIR/train.log)."""
 
 from __future__ import annotations
 
@@ -9,18 +13,41 @@ import logging
 import os
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 # The microbenchmarks live in the source checkout's bench/, next to the package.
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+# Verbs whose leftover `key=value` arguments are dotted config overrides.
+OVERRIDE_VERBS = ("train", "eval", "demo")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one (not for unset options and flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.help is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    try:
+        return version("fastrl")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        from fastrl import __version__
+
+        return __version__
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastrl", description=__doc__)
+    p = argparse.ArgumentParser(prog="fastrl", description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"fastrl {_version()}")
     sub = p.add_subparsers(dest="verb", required=True)
+    overrides_help = "dotted config overrides, e.g. rl.lr=1e-5 run_dir=runs/x (any position)"
 
-    t = sub.add_parser("train", help="SFT then RL as configured")
-    t.add_argument("--config", help="YAML config (defaults: the built-in demo)")
+    t = sub.add_parser("train", help="SFT then RL as configured", formatter_class=_HelpFormatter)
+    t.add_argument("--config", help="YAML config (default: the built-in demo)")
     t.add_argument(
         "--resume",
         action="store_true",
@@ -37,17 +64,28 @@ def _parser() -> argparse.ArgumentParser:
         help="train into a run_dir that holds an earlier run: it is moved aside to "
         "RUN_DIR.old-<time> first (without this, a non-empty run_dir is refused)",
     )
-    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.lr=1e-5 run_dir=runs/x")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
 
-    e = sub.add_parser("eval", help="greedy evaluation of a policy on one split")
+    e = sub.add_parser(
+        "eval", help="greedy evaluation of a policy on one split", formatter_class=_HelpFormatter
+    )
     e.add_argument("--env", default=None, help="environment (default: the config's)")
-    e.add_argument("--split", default="test")
-    e.add_argument("--policy", default="model", help="model | oracle | teacher | replay:FILE.jsonl")
-    e.add_argument("--model", default=None, help="local HF model directory or preset name")
+    e.add_argument(
+        "--split", default="test", help="split of the environment, e.g. train, test, format_ood"
+    )
+    e.add_argument(
+        "--policy",
+        default="model",
+        help="model (the model at --model) | oracle (each task's expert) | teacher (the SFT "
+        "demonstrations) | replay:FILE.jsonl (recorded assistant messages)",
+    )
+    e.add_argument(
+        "--model", default=None, help="local HF model directory or preset name (default: config's)"
+    )
     e.add_argument("--config", default=None, help="YAML config for limits and the model")
     e.add_argument("--out", required=True, help="directory for summary.json and results.jsonl")
     e.add_argument(
-        "--limit", type=int, default=None, help="number of tasks (default env.eval_tasks)"
+        "--limit", type=int, default=None, help="number of tasks (default: env.eval_tasks)"
     )
     e.add_argument(
         "--samples",
@@ -68,27 +106,57 @@ def _parser() -> argparse.ArgumentParser:
         help="also score each task's expert trajectory under the policy (teacher forcing): "
         "its log-likelihood and the first token greedy decoding would not write",
     )
-    e.add_argument("overrides", nargs="*", help="dotted config overrides")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
 
     d = sub.add_parser(
         "demo",
         help="the main job on the built-in default; prints a JSON summary (into runs/demo, or "
         "runs/demo-N when that holds an earlier run)",
+        formatter_class=_HelpFormatter,
     )
-    d.add_argument("overrides", nargs="*", help="dotted config overrides")
+    d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
 
-    r = sub.add_parser("report", help="plots and an HTML page from a run directory's metrics")
+    r = sub.add_parser(
+        "report",
+        help="plots and an HTML page from a run directory's metrics",
+        formatter_class=_HelpFormatter,
+    )
     r.add_argument("run_dir", help="run directory holding metrics.jsonl")
 
     b = sub.add_parser(
         "bench",
         help="run a microbenchmark of bench/ (a source checkout); no name lists them",
         description="Runs bench/bench_NAME.py with the arguments that follow, e.g. "
-        "`fastrl bench packing --reps 21`; results go to bench/results/.",
+        "`fastrl bench packing --reps 21`; results are merged into --out (default: "
+        "bench/<device>.json under the cache directory, $FASTRL_CACHE or ~/.cache/fastrl).",
+        formatter_class=_HelpFormatter,
     )
     b.add_argument("name", nargs="?", help="e.g. token_logprobs, policy_loss, packing")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark script")
+    p.verbs = sub.choices  # type: ignore[attr-defined]
     return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`argv` parsed, options and `key=value` overrides in any order.
+
+    argparse gives a verb's positional overrides only their first run of arguments (and
+    subparsers cannot intermix), so the overrides after an option come back unrecognised: they
+    join `overrides` in command-line order. Anything else (an unknown `--flag`, a word without `=`)
+    is the verb's usage error (exit 2).
+    """
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    verb = parser.verbs[args.verb]  # type: ignore[attr-defined]
+    if args.verb in OVERRIDE_VERBS:
+        given = [*args.overrides, *extra]
+        unknown = [a for a in given if a.startswith("-") or "=" not in a]
+        args.overrides = [a for a in given if a not in unknown]
+    else:
+        unknown = extra
+    if unknown:
+        verb.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def benchmarks() -> list[str]:
@@ -136,14 +204,23 @@ def free_run_dir(base: str = "runs/demo") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     if args.verb == "bench":
         return run_bench(args.name, args.args)
-    logging.basicConfig(
-        level=os.environ.get("FASTRL_LOG", "INFO"),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    from fastrl.monitor.log import RunLogHandler, setup_logging
+
+    setup_logging(os.environ.get("FASTRL_LOG", "INFO"))  # before anything imports vLLM
+    run_log = RunLogHandler()  # RUN_DIR/train.log, opened once the run directory is claimed
+    if args.verb in ("train", "demo") and int(os.environ.get("RANK", "0")) == 0:
+        logging.getLogger().addHandler(run_log)
+    try:
+        return _run(args, argv)
+    finally:
+        logging.getLogger().removeHandler(run_log)
+        run_log.close()
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from fastrl.api import ReplayError, evaluate, train
     from fastrl.config import ConfigError
     from fastrl.train.signals import Interrupted

@@ -15,6 +15,7 @@ teacher's habits); `fastrl.load_config`, which the CLI and `train`/`evaluate` us
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -33,6 +34,16 @@ LossAgg = Literal[
 # An environment's defaults by its name: dotted config keys and the values it sets on the keys a
 # configuration does not give (`fastrl.envs.config_defaults`).
 EnvDefaults = Callable[[str], Mapping[str, Any]]
+
+
+def cache_home() -> Path:
+    """fastrl's cache directory: `$FASTRL_CACHE`, else `$XDG_CACHE_HOME/fastrl`, else
+    `~/.cache/fastrl`. Built presets go to `models/` (`model.cache_dir`), bench results to `bench/`.
+    """
+    if os.environ.get("FASTRL_CACHE"):
+        return Path(os.environ["FASTRL_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "fastrl"
 
 
 class ConfigError(ValueError):
@@ -81,8 +92,9 @@ class ModelConfig:
     # Apply liger-kernel's Triton kernels (RMSNorm, SwiGLU, RoPE) to the model's layers; CUDA only
     # (a CPU run refuses it at start). The LM head stays fastrl's fused logprob op.
     liger: bool = False
-    # Where built presets (tokenizer + random-init weights) are cached.
-    cache_dir: str = ".cache/fastrl/models"
+    # Where built presets (tokenizer + random-init weights) are cached (default: `models/` of the
+    # user's cache directory, `cache_home()`).
+    cache_dir: str = field(default_factory=lambda: str(cache_home() / "models"))
 
 
 @dataclass

@@ -10,6 +10,20 @@ if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fastrl_cache(tmp_path_factory):
+    """Presets built by runs that do not set model.cache_dir, and bench results, go to a temporary
+    cache (FASTRL_CACHE, inherited by subprocesses), never the user's ~/.cache/fastrl."""
+    path = tmp_path_factory.mktemp("fastrl-cache")
+    old = os.environ.get("FASTRL_CACHE")
+    os.environ["FASTRL_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FASTRL_CACHE", None)
+    else:
+        os.environ["FASTRL_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def world():
     from fastrl.envs import get_world

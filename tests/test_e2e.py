@@ -94,8 +94,11 @@ def test_smoke_run_writes_everything(smoke_run, capsys):
 
 
 def test_report_draws_a_real_run(smoke_run, capsys):
+    capsys.readouterr()
     assert main(["report", str(smoke_run)]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1  # stdout: the JSON summary only
+    out = json.loads(lines[0])
     html = (smoke_run / "report.html").read_text()
     # a synchronous run: no corrective SFT phase between RL steps
     assert len(out["plots"]) == 6 and out["skipped"] == ["sft_corrective.png"]

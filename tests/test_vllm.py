@@ -187,18 +187,23 @@ def test_engine_choice(monkeypatch):
 
 
 def test_smoke_run_on_vllm_stays_in_sync(tmp_path):
-    """The trainer on the vLLM engine (the CLI, as users run it): every RL step's engine-vs-trainer
-    logprob gap is small, and the summary names the engine."""
+    """The trainer on the vLLM engine (the CLI, as users run it, options and overrides mixed):
+    every RL step's engine-vs-trainer logprob gap is small, and the summary names the engine. stdout
+    holds the summary's JSON line only; vLLM's log goes to stderr, without a traceback."""
     import json
     import subprocess
     import sys
 
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fastrl", "train", "--config", "configs/smoke.yaml"]
-    cmd += [f"run_dir={run_dir}", "rollout.engine=vllm", "rl.steps=3", "rl.lr=1e-3"]
+    cmd = [sys.executable, "-m", "fastrl", "train", f"run_dir={run_dir}", "rollout.engine=vllm"]
+    cmd += ["--config", "configs/smoke.yaml", "rl.steps=3", "rl.lr=1e-3"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(done.stdout.splitlines()) == 1, done.stdout[:3000]
+    summary = json.loads(done.stdout)
+    assert summary == json.loads((run_dir / "summary.json").read_text())
+    assert "Traceback" not in done.stderr
+    assert "rollout engine: vllm" in (run_dir / "train.log").read_text()  # the run's log file
     assert summary["engine"] == "vllm"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in rows if r["phase"] == "rl"]

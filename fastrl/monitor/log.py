@@ -1,12 +1,15 @@
-"""Metric logging: one JSONL row per step, TensorBoard events beside it, a progress bar."""
+"""Metric logging: one JSONL row per step, TensorBoard events beside it, a progress bar; and the
+process's log set-up: every record (vLLM's included) to stderr and to the run's `train.log`."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,108 @@ def nvtx_range(name: str) -> Iterator[None]:
         yield
     finally:
         torch.cuda.nvtx.range_pop()
+
+
+# --- log records: stderr and RUN_DIR/train.log
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+# vLLM records fastrl's own engine set-up makes harmless, dropped by message start (see
+# fastrl/rollout/engines/vllm.py for each choice):
+VLLM_HARMLESS = (
+    # the in-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0) is how weights sync in place;
+    # sampling draws from per-request seeds, not the process's global random state
+    "The global random seed is set to",
+    # chunked prefill is off on purpose: a partially prefilled seeded request crashes the CPU runner
+    "This model does not officially support disabling chunked prefill",
+    # they restate VLLMEngine's own default, enforce_eager=True (no torch.compile, no CUDA graphs)
+    "Enforce eager set",
+    "Inductor compilation was disabled",
+    # the engine restores torch.set_num_threads after vLLM's CPU worker replaces it
+    "CPU backend doesn't allow to use `torch.set_num_threads`",
+    # prompts and outputs are token ids (skip_tokenizer_init=True): no chat template to warm up,
+    # and the stop token comes with each request's sampling parameters, not the tokenizer's EOS
+    "Chat template warmup failed",
+    "Using None for EOS token id because tokenizer is not initialized",
+    # Triton is installed for fastrl's own kernels; vLLM's CPU backend does not use it
+    "Triton is installed, but doesn't include CPU backend",
+)
+
+
+class _VLLMNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("vllm"):
+            return True
+        return not str(record.msg).startswith(VLLM_HARMLESS)
+
+
+class _StderrHandler(logging.StreamHandler):
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.addFilter(_VLLMNoise())
+
+
+def setup_logging(level: str | int = "INFO") -> None:
+    """Log records of fastrl and of vLLM to stderr through one handler, at `level`.
+
+    Call before vLLM is imported: `VLLM_CONFIGURE_LOGGING=0` keeps vLLM from adding its own
+    handler (on stdout by default), so its records propagate here, at `VLLM_LOGGING_LEVEL`
+    (default WARNING) and without the lines `VLLM_HARMLESS` names. stdout stays free for results.
+    """
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:  # a second call
+        root.removeHandler(old)
+    root.addHandler(_StderrHandler())
+    root.setLevel(level)
+    logging.getLogger("vllm").setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "WARNING").upper())
+    # vLLM's Triton dispatcher walks torch.distributed's attributes at import and touches the
+    # deprecated `reduce_op`; nothing a user of fastrl can change.
+    warnings.filterwarnings("ignore", message=".*reduce_op` is deprecated", category=FutureWarning)
+
+
+class RunLogHandler(logging.Handler):
+    """Writes records to a run's `train.log` once the run directory is claimed (`open`); until
+    then it holds them, so the file also has what was logged before the directory was ready."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.addFilter(_VLLMNoise())
+        self._pending: list[logging.LogRecord] = []
+        self._file: Any = None
+
+    def open(self, path: str | Path) -> None:
+        if self._file is not None:
+            return
+        self._file = open(path, "a")
+        for record in self._pending:
+            self._write(record)
+        self._pending = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._file is None:
+            self._pending.append(record)
+        else:
+            self._write(record)
+
+    def _write(self, record: logging.LogRecord) -> None:
+        self._file.write(self.format(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        super().close()
+
+
+def open_run_log(run_dir: str | Path) -> None:
+    """Start writing `run_dir/train.log` where the process logs through a `RunLogHandler`."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, RunLogHandler):
+            handler.open(Path(run_dir) / "train.log")
 
 
 # Metric -> label shown on the progress bar (the bar itself counts the steps).
@@ -75,6 +180,7 @@ class MetricLogger:
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
         self._file = open(self.path, "a")
+        open_run_log(run_dir)
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
