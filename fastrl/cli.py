@@ -43,11 +43,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--env", default=None, help="environment (default: the config's)")
     e.add_argument("--split", default="test")
     e.add_argument("--policy", default="model", help="model | oracle | teacher | replay:FILE.jsonl")
-    e.add_argument("--model", default=None, help="local HF model directory or preset name")
+    e.add_argument(
+        "--model",
+        default=None,
+        help="local HF model directory or preset name (policy model: this or --run)",
+    )
+    e.add_argument(
+        "--run",
+        default=None,
+        help="training run directory: its final/ model (else its latest checkpoint) and its "
+        "config.yaml (--config replaces it; the differing keys are logged)",
+    )
     e.add_argument("--config", default=None, help="YAML config for limits and the model")
     e.add_argument("--out", required=True, help="directory for summary.json and results.jsonl")
     e.add_argument(
-        "--limit", type=int, default=None, help="number of tasks (default env.eval_tasks)"
+        "--limit", type=int, default=None, help="number of tasks, > 0 (default env.eval_tasks)"
     )
     e.add_argument(
         "--samples",
@@ -171,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.split,
                 policy=args.policy,
                 model=args.model,
+                run=args.run,
                 config=args.config,
                 overrides=args.overrides,
                 env=args.env,

@@ -738,11 +738,23 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = _load_yaml(path.read_text()) or {}
+        try:
+            data = _load_yaml(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: malformed YAML{_where(e)}") from None
         _merge(cfg, data)
         cfg.explicit |= _dotted_keys(data)
     apply_overrides(cfg, overrides or [])
     return resolve(cfg, env_defaults)
+
+
+def _where(error: yaml.YAMLError) -> str:
+    """` at line L, column C: PROBLEM` of a YAML parse error (lines and columns from 1)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return f": {problem}"
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def _dotted_keys(data: Any, prefix: str = "") -> set[str]:
