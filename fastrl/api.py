@@ -103,14 +103,15 @@ def evaluate(
     `replay:FILE.jsonl` (see `read_replay`). With `out`, writes `out/summary.json` and
     `out/results.jsonl`. Returns the summary.
 
-    With `run` (a run directory), the model is `run/final/`, or its latest checkpoint when there
-    is no final/ (logged), and the configuration is the run's own `run/config.yaml`, so the
-    episode limits are training's; an explicit `config` replaces it, and the keys where the two
-    differ are logged.
+    With `run` (a run directory), the model (and tokenizer, whatever the policy) is `run/final/`,
+    or its latest checkpoint when there is no final/ (logged), and the configuration is the run's
+    own `run/config.yaml`, so the episode limits are training's; an explicit `config` replaces
+    it, and the keys where the two differ are logged.
 
     A replay is scored on the split's tasks that have an entry in the file: a task without one is
     left out of `success` (and of every mean and `n`) and reported in the summary as `missing`
-    (their count) and `missing_ids`. An entry whose task id the split does not have is refused.
+    (their count) and `missing_ids`. An entry whose task id is not among the split's first
+    max(evaluated tasks, entries, `env.eval_tasks`) tasks is refused.
 
     With `samples` = k > 0 (policy `model` only), each task is also played k times at
     `temperature` (default: the config's `rollout.temperature`, with its `rollout.top_p`, as RL
@@ -162,9 +163,7 @@ def evaluate(
             raise ConfigError(f"--out: {problem}")
     replay = read_replay(policy.split(":", 1)[1]) if policy.startswith("replay:") else None
     if run is not None:
-        run_model, config = _run_model_and_config(Path(run), config)
-        if policy == "model":
-            model = run_model
+        model, config = _run_model_and_config(Path(run), config)
     cfg = _complete(config, overrides)
     if env is not None:
         cfg.env.name = env

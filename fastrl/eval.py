@@ -307,9 +307,10 @@ def replay_tasks(
             f"--policy {policy}: none of the {len(tasks)} tasks of split {split!r} has an entry"
         )
     if missing:
+        shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
         log.warning(
-            "%s: %d of %d tasks have no entry and are left out of success: %s",
-            policy, len(missing), len(tasks), ", ".join(missing),
+            "%s: %d of %d tasks have no entry and are left out of success (summary.json lists "
+            "them as missing_ids): %s", policy, len(missing), len(tasks), shown,
         )  # fmt: skip
     return [t for t in tasks if t.id in replay], missing
 

@@ -54,6 +54,9 @@ def test_run_evaluates_final_with_the_runs_config(run, tmp_path, capsys):
     assert summary["model"] == str(run / "final")
     assert summary["n"] == 3  # the run's env.eval_tasks, not the default 100 nor smoke's 8
     assert summary["success"] == json.loads((run / "summary.json").read_text())["rl_success"]
+    oracle = tmp_path / "oracle"  # any policy: the run's tokenizer and limits
+    assert main(["eval", "--run", str(run), "--policy", "oracle", "--out", str(oracle)]) == 0
+    assert summary_of(oracle)["success"] == 1.0 and summary_of(oracle)["n"] == 3
 
 
 def test_explicit_config_wins_over_the_runs_and_differences_are_logged(run, tmp_path, caplog):
