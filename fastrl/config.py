@@ -9,7 +9,9 @@ This module imports nothing from fastrl. What needs the registries is done by th
 `fastrl.envs.config_defaults` gives an environment's defaults (passed in as `env_defaults`), and
 `fastrl.train.build.check_registries` checks the keys that name registry entries (`env.name`,
 `rl.loss`, `rl.advantage`, the environment's split names) or depend on the environment (the
-teacher's habits); `fastrl.load_config`, which the CLI and `train`/`evaluate` use, does both.
+teacher's habits), and `check_paths` the path-valued keys (`model.name`, `model.cache_dir`,
+`supervision.prs.reflector`); `fastrl.load_config`, which the CLI and `train`/`evaluate` use,
+does all of it. A malformed YAML file is a `ConfigError` naming the file and line.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Config to objects: a process's start, the policy and its tokenizer, the generation engine, the
 training device, the tasks, the logger, the episode limits, the teacher's habits and the KL
 reference. Each raises `ConfigError` naming the key when the configuration cannot be built here;
-`check_registries` checks the keys that name a registry entry before any work starts.
+`check_registries` checks the keys that name a registry entry and `check_paths` the path-valued
+keys before any work starts.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def check_paths(cfg: Config) -> None:
     preset nor a model directory (a `config.json` in it), `supervision.prs.reflector` (PRS on)
     neither `builtin` nor a model directory, `model.cache_dir` (a preset is built there) where no
     directory can be. `run_dir` is checked when a run claims it (`fastrl.train.run_dir`)."""
+
     def model_dir_problem(value: str) -> str | None:
         path = Path(value).expanduser()
         if not path.is_dir():
