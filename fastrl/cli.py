@@ -76,16 +76,24 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--policy",
         default="model",
-        help="model (the model at --model) | oracle (each task's expert) | teacher (the SFT "
-        "demonstrations) | replay:FILE.jsonl (recorded assistant messages)",
+        help="model (the model at --model or --run) | oracle (each task's expert) | teacher (the "
+        "SFT demonstrations) | replay:FILE.jsonl (recorded assistant messages)",
     )
     e.add_argument(
-        "--model", default=None, help="local HF model directory or preset name (default: config's)"
+        "--model",
+        default=None,
+        help="local HF model directory or preset name (policy model: this or --run)",
+    )
+    e.add_argument(
+        "--run",
+        default=None,
+        help="training run directory: its final/ model (else its latest checkpoint) and its "
+        "config.yaml (--config replaces it; the differing keys are logged)",
     )
     e.add_argument("--config", default=None, help="YAML config for limits and the model")
     e.add_argument("--out", required=True, help="directory for summary.json and results.jsonl")
     e.add_argument(
-        "--limit", type=int, default=None, help="number of tasks (default: env.eval_tasks)"
+        "--limit", type=int, default=None, help="number of tasks, > 0 (default: env.eval_tasks)"
     )
     e.add_argument(
         "--samples",
@@ -248,6 +256,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                 args.split,
                 policy=args.policy,
                 model=args.model,
+                run=args.run,
                 config=args.config,
                 overrides=args.overrides,
                 env=args.env,

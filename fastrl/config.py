@@ -9,7 +9,9 @@ This module imports nothing from fastrl. What needs the registries is done by th
 `fastrl.envs.config_defaults` gives an environment's defaults (passed in as `env_defaults`), and
 `fastrl.train.build.check_registries` checks the keys that name registry entries (`env.name`,
 `rl.loss`, `rl.advantage`, the environment's split names) or depend on the environment (the
-teacher's habits); `fastrl.load_config`, which the CLI and `train`/`evaluate` use, does both.
+teacher's habits), and `check_paths` the path-valued keys (`model.name`, `model.cache_dir`,
+`supervision.prs.reflector`); `fastrl.load_config`, which the CLI and `train`/`evaluate` use,
+does all of it. A malformed YAML file is a `ConfigError` naming the file and line.
 """
 
 from __future__ import annotations
@@ -750,11 +752,23 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = _load_yaml(path.read_text()) or {}
+        try:
+            data = _load_yaml(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: malformed YAML{_where(e)}") from None
         _merge(cfg, data)
         cfg.explicit |= _dotted_keys(data)
     apply_overrides(cfg, overrides or [])
     return resolve(cfg, env_defaults)
+
+
+def _where(error: yaml.YAMLError) -> str:
+    """` at line L, column C: PROBLEM` of a YAML parse error (lines and columns from 1)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return f": {problem}"
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def _dotted_keys(data: Any, prefix: str = "") -> set[str]:

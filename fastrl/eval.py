@@ -8,14 +8,16 @@ trainer's decision probe (p(`<tool_call>`) where the expert decides to call or t
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from fastrl.algo.supervision import play_experts
-from fastrl.config import Config
+from fastrl.config import Config, ConfigError, EnvConfig
 from fastrl.envs import get_world
 from fastrl.envs.base import Task, set_tool_timeout
 from fastrl.envs.teacher import applicable, demonstration
@@ -32,6 +34,8 @@ from fastrl.train.build import (
     training_device,
 )
 
+log = logging.getLogger("fastrl.eval")
+
 
 def play_in_batches(
     engine,
@@ -44,9 +48,12 @@ def play_in_batches(
     top_p: float = 1.0,
     batch_size: int = 128,
     request_ids: list[str] | None = None,
+    progress: str | None = None,
 ) -> list[Trajectory]:
-    """One episode per entry of `tasks`, `batch_size` episodes per `run_episodes` call."""
+    """One episode per entry of `tasks`, `batch_size` episodes per `run_episodes` call; with
+    `progress`, a bar of that title on stderr counts the episodes played."""
     trajs: list[Trajectory] = []
+    bar = tqdm(total=len(tasks), desc=progress, unit="episode", disable=progress is None)
     for start in range(0, len(tasks), batch_size):
         trajs += run_episodes(
             engine,
@@ -58,6 +65,8 @@ def play_in_batches(
             top_p=top_p,
             request_ids=request_ids[start : start + batch_size] if request_ids else None,
         )
+        bar.update(len(tasks[start : start + batch_size]))
+    bar.close()
     return trajs
 
 
@@ -70,8 +79,10 @@ def evaluate_policy(
     *,
     batch_size: int = 128,
     request_ids: list[str] | None = None,
+    progress: str | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Greedy episodes on `tasks`; returns (summary, one row per task)."""
+    """Greedy episodes on `tasks`; returns (summary, one row per task). With `progress`, a bar
+    of that title on stderr."""
     trajs = play_in_batches(
         engine,
         tokenizer,
@@ -81,6 +92,7 @@ def evaluate_policy(
         temperature=0.0,
         batch_size=batch_size,
         request_ids=request_ids,
+        progress=progress,
     )
     rows = [
         {
@@ -126,11 +138,13 @@ def sampled_successes(
     top_p: float = 1.0,
     batch_size: int = 128,
     request_ids: list[str] | None = None,
+    progress: str | None = None,
 ) -> list[int]:
     """Solved episodes out of `samples` sampled at `temperature` and `top_p`, per task (in
     `tasks`' order).
 
     `request_ids`, when given, names every episode, task-major (`samples` per task in a row).
+    With `progress`, a bar of that title on stderr.
     """
     solved: dict[str, int] = {t.id: 0 for t in tasks}
     for t in play_in_batches(
@@ -143,6 +157,7 @@ def sampled_successes(
         top_p=top_p,
         batch_size=batch_size,
         request_ids=request_ids,
+        progress=progress,
     ):
         solved[t.task_id] += int(t.success)
     return [solved[t.id] for t in tasks]
@@ -267,6 +282,39 @@ def decision_probe(
 
 
 # --------------------------------------------------------------------------- a split, end to end
+def replay_tasks(
+    world, split: str, tasks: list[Task], replay: dict[str, list[str]], policy: str, env: EnvConfig
+) -> tuple[list[Task], list[str]]:
+    """The tasks of `tasks` that `replay` has an entry for, and the ids of those it has none for
+    (logged). ConfigError naming the first entry whose task id `split` does not have (looked up
+    among its first max(len(tasks), len(replay), env.eval_tasks) tasks), or when no task of
+    `tasks` has an entry."""
+    known = {t.id for t in tasks}
+    unknown = [i for i in replay if i not in known]
+    n = max(len(tasks), len(replay), env.eval_tasks)
+    if unknown:
+        known |= {t.id for t in world.tasks(split, n, seed=env.seed)}
+        unknown = [i for i in unknown if i not in known]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ConfigError(
+            f"--policy {policy}: task id {unknown[0]!r}{more} is not among the first {n} tasks "
+            f"of split {split!r} of {world.name} (env.seed={env.seed})"
+        )
+    missing = [t.id for t in tasks if t.id not in replay]
+    if len(missing) == len(tasks):
+        raise ConfigError(
+            f"--policy {policy}: none of the {len(tasks)} tasks of split {split!r} has an entry"
+        )
+    if missing:
+        shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+        log.warning(
+            "%s: %d of %d tasks have no entry and are left out of success (summary.json lists "
+            "them as missing_ids): %s", policy, len(missing), len(tasks), shown,
+        )  # fmt: skip
+    return [t for t in tasks if t.id in replay], missing
+
+
 def evaluate_split(
     cfg: Config,
     split: str,
@@ -279,10 +327,15 @@ def evaluate_split(
     expert_probe: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Build what `cfg` names and evaluate `policy` on `split` (see `fastrl.api.evaluate` for the
-    policies and the summary's fields); returns (summary, one row per task)."""
+    policies and the summary's fields); returns (summary, one row per task). A replay scores only
+    the tasks it has an entry for (`replay_tasks`); with `cfg.progress`, bars on stderr count the
+    episodes."""
     set_tool_timeout(cfg.env.tool_timeout_s)
     world = get_world(cfg.env.name)
     tasks = world.tasks(split, limit or cfg.env.eval_tasks, seed=cfg.env.seed)
+    missing: list[str] = []
+    if replay is not None:
+        tasks, missing = replay_tasks(world, split, tasks, replay, policy, cfg.env)
     limits = limits_of(cfg)
     net, tokenizer, model_dir = build_policy(cfg)
     net.to(training_device(cfg.model.device))
@@ -307,10 +360,13 @@ def evaluate_split(
     summary, rows = evaluate_policy(
         engine, tokenizer, world, tasks, limits,
         batch_size=cfg.rollout.batch_size, request_ids=request_ids,
+        progress=f"eval {split}" if cfg.progress else None,
     )  # fmt: skip
     summary.update(
         split=split, env=cfg.env.name, policy=policy, model=cfg.model.name, engine=engine_used
     )
+    if replay is not None:
+        summary.update(missing=len(missing), missing_ids=missing)
     if samples:
         if temperature is None:
             temperature = cfg.rollout.temperature
@@ -324,6 +380,7 @@ def evaluate_split(
             temperature=temperature,
             top_p=cfg.rollout.top_p,
             batch_size=cfg.rollout.batch_size,
+            progress=f"samples {split}" if cfg.progress else None,
         )
         for row, k in zip(rows, solved):
             row["sampled_successes"] = k

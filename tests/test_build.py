@@ -71,3 +71,23 @@ def test_cli_reports_a_registry_key_before_work(capsys, tmp_path):
     assert code == 2
     assert "env.name" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_path_keys_are_checked_naming_the_key(tmp_path, tiny_policy):
+    from fastrl.train.build import check_paths
+
+    _, _, model_dir = tiny_policy
+    prs = ["schedule.scheme=interleaved", "schedule.rl_phases=[1]", "supervision.prs.enabled=true"]
+    good = [f"model.name={model_dir}", *prs, f"supervision.prs.reflector={model_dir}"]
+    check_paths(load_config_file(None, good))
+    (tmp_path / "file").write_text("")
+    for overrides, message in (
+        (["model.name=/no/model"], "model.name: '/no/model' is neither a preset"),
+        ([f"model.name={tmp_path}"], "(it has no config.json)"),
+        ([f"model.cache_dir={tmp_path}/file/models"], f"model.cache_dir: {tmp_path}/file is a"),
+        ([*prs, "supervision.prs.reflector=/no/judge"], "supervision.prs.reflector: '/no/judge'"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            fastrl.load_config(None, overrides)
+        assert message in str(err.value)
+    fastrl.load_config(None, ["supervision.prs.reflector=/no/judge"])  # unused without PRS

@@ -86,6 +86,13 @@ def test_missing_file():
         load_config("does/not/exist.yaml")
 
 
+def test_malformed_yaml_names_the_file_line_and_problem(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rl:\n  lr: 1e-5\n   steps: 3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: malformed YAML at line 3, column \d+: "):
+        load_config(path)
+
+
 def test_round_trip(tmp_path):
     cfg = load_config(None, ["rl.steps=5", "model.name=small"])
     save_config(cfg, tmp_path / "config.yaml")

@@ -1,7 +1,8 @@
 """Config to objects: a process's start, the policy and its tokenizer, the generation engine, the
 training device, the tasks, the logger, the episode limits, the teacher's habits and the KL
 reference. Each raises `ConfigError` naming the key when the configuration cannot be built here;
-`check_registries` checks the keys that name a registry entry before any work starts.
+`check_registries` checks the keys that name a registry entry and `check_paths` the path-valued
+keys before any work starts.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fastrl.config import Config, ConfigError, save_config
 from fastrl.envs import ENVS, get_world
 from fastrl.envs.base import Task, set_tool_timeout
 from fastrl.envs.teacher import Habits
-from fastrl.models import apply_liger, load_model
+from fastrl.models import PRESETS, apply_liger, load_model
 from fastrl.monitor.log import MetricLogger, NullLogger
 from fastrl.rollout.engines import HFEngine
 from fastrl.rollout.engines.vllm import VLLMEngine, vllm_available
@@ -36,6 +37,7 @@ from fastrl.train.distributed import setup as setup_distributed
 from fastrl.train.optim import full_weights
 from fastrl.train.packing import ATTN_IMPLEMENTATION, choose_kernel
 from fastrl.train.packing import register as register_packed_attention
+from fastrl.train.run_dir import dir_problem
 
 log = logging.getLogger("fastrl.train")
 
@@ -62,6 +64,42 @@ def check_registries(cfg: Config) -> None:
             f"env.teacher.{key}: the teacher's habits are defined for the synthetic world "
             f"only, not {cfg.env.name!r}; set it to 0"
         )
+
+
+def check_paths(cfg: Config) -> None:
+    """Raise ConfigError naming the first path-valued key that cannot work: `model.name` neither a
+    preset nor a model directory (a `config.json` in it), `supervision.prs.reflector` (PRS on)
+    neither `builtin` nor a model directory, `model.cache_dir` (a preset is built there) where no
+    directory can be. `run_dir` is checked when a run claims it (`fastrl.train.run_dir`)."""
+
+    def model_dir_problem(value: str) -> str | None:
+        path = Path(value).expanduser()
+        if not path.is_dir():
+            return "is not an existing directory"
+        if not (path / "config.json").is_file():
+            return "has no config.json"
+        return None
+
+    name = cfg.model.name
+    if name not in PRESETS:
+        problem = model_dir_problem(name)
+        if problem:
+            raise ConfigError(
+                f"model.name: {name!r} is neither a preset ({', '.join(PRESETS)}) nor a model "
+                f"directory (it {problem})"
+            )
+    else:
+        problem = dir_problem(cfg.model.cache_dir)
+        if problem:
+            raise ConfigError(f"model.cache_dir: {problem}")
+    prs = cfg.supervision.prs
+    if prs.enabled and prs.reflector != "builtin":
+        problem = model_dir_problem(prs.reflector)
+        if problem:
+            raise ConfigError(
+                f"supervision.prs.reflector: {prs.reflector!r} is neither builtin nor a model "
+                f"directory (it {problem})"
+            )
 
 
 def attention_of(cfg: Config) -> str:

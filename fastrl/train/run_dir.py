@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -57,12 +58,27 @@ def flat(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def dir_problem(path: str | Path) -> str | None:
+    """Why a directory cannot be at `path` (or be made there), or None when it can: the path or
+    one of its parents is a file, or the deepest existing parent is not writable."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                return f"{p} is a file, not a directory"
+            if p != path and not os.access(p, os.W_OK | os.X_OK):
+                return f"cannot create {path}: {p} is not writable"
+            return None
+    return None
+
+
 def claim_run_dir(run_dir: str | Path, resume: bool | str, overwrite: bool) -> bool:
     """Check `run_dir` before a run starts; returns whether the run resumes (see the module
     docstring). Raises ConfigError (exit 2) naming the directory and the way out."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run_dir: {run_dir} is a file, not a directory")
+    problem = dir_problem(run_dir)
+    if problem:
+        raise ConfigError(f"run_dir: {problem}")
     busy = run_dir.is_dir() and any(run_dir.iterdir())
     if resume:
         if latest_checkpoint(run_dir) is not None:
