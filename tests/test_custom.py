@@ -343,3 +343,29 @@ def test_a_short_train_run_on_the_example(tmp_path):
     assert summary["sft_success"] is not None and summary["rl_success"] is not None
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert f"{EXAMPLE}/library.py:LoanDesk" in saved
+
+
+def test_reward_from_a_file_named_by_the_config(tmp_path):
+    (tmp_path / "reward.py").write_text(
+        "def half(task, tools, answers):\n    return 0.5 if answers else 0.0\n"
+    )
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    (tmp_path / "c.yaml").write_text(
+        "env:\n  name: custom\n  tools: test_custom:Counter\n  tasks: tasks.jsonl\n"
+        "  reward: reward.py:half\n"
+    )
+    cfg = fastrl.load_config(str(tmp_path / "c.yaml"))
+    assert cfg.env.reward == f"{tmp_path}/reward.py:half"
+    assert cfg.env.tools == "test_custom:Counter"  # a module path stays as it is
+    world = get_world("custom", cfg.env)
+    env, _ = _play(world, world.tasks("test", 1)[0], "2")
+    assert env.score()[0] == 0.5
+
+
+def test_the_tokenizer_corpus_is_the_worlds_own_text():
+    cfg = fastrl.load_config(str(EXAMPLE / "config.yaml"))
+    corpus = get_world("custom", cfg.env).tokenizer_corpus()
+    text = "\n".join(corpus)
+    assert "find_book" in text and '"copies":' in text and "Then lend it to" in text
+    assert "lent B" in text  # the solutions' tool results
