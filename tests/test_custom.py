@@ -331,6 +331,8 @@ def test_python_api_takes_the_objects(tmp_path):
 
 
 def test_a_short_train_run_on_the_example(tmp_path):
+    import fastrl.train.build  # noqa: F401 - binds the subpackage as fastrl.train: still callable
+
     summary = fastrl.train(
         str(EXAMPLE / "config.yaml"),
         [f"run_dir={tmp_path}/run", f"model.cache_dir={tmp_path}/models", "progress=false",
