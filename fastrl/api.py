@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -34,18 +35,51 @@ def load_config(
 
 
 def _complete(config: Config | dict | str | Path | None, overrides: list[str] | None) -> Config:
-    """`load_config` without the registry and path checks."""
-    from fastrl.envs import config_defaults
+    """`load_config` without the registry and path checks; the custom world's `eval.splits`,
+    when not given, are its task file's splits other than train."""
+    from fastrl.envs import config_defaults, splits_of
+    from fastrl.envs.custom import CustomWorldError
 
     if config is None or isinstance(config, (str, Path)):
-        return load_config_file(config, overrides, env_defaults=config_defaults)
-    if isinstance(config, dict):
+        cfg = load_config_file(config, overrides, env_defaults=config_defaults)
+    elif isinstance(config, dict):
         cfg = config_from_dict(config, env_defaults=config_defaults)
     else:
         cfg = resolve(config, config_defaults)
-    if overrides:
+    if overrides and not (config is None or isinstance(config, (str, Path))):
         resolve(apply_overrides(cfg, overrides), config_defaults)
+    if cfg.env.name == "custom" and "eval.splits" not in cfg.explicit:
+        try:
+            cfg.eval.splits = [s for s in splits_of(cfg.env) if s != "train"]
+        except CustomWorldError as e:
+            raise ConfigError(str(e)) from None
     return cfg
+
+
+def _with_objects(
+    config: Config | dict | str | Path | None,
+    overrides: list[str] | None,
+    tools: type | None,
+    tasks: list[dict] | str | Path | None,
+    reward: Any,
+) -> tuple[Config | dict | str | Path | None, list[str] | None]:
+    """`config` and `overrides` with the custom world's objects given from Python (`tools`,
+    `tasks` as dicts or a JSONL path, `reward`) named by `env.*` overrides."""
+    from fastrl.envs.custom import provide
+
+    if tools is None and tasks is None and reward is None:
+        return config, overrides
+    extra = ["env.name=custom"]
+    if tools is not None:
+        extra.append(f"env.tools={provide('tools', tools)}")
+    if tasks is not None:
+        value = provide("tasks", list(tasks)) if isinstance(tasks, list) else str(tasks)
+        extra.append(f"env.tasks={value}")
+    if reward is not None:
+        extra.append(f"env.reward={provide('reward', reward)}")
+    if isinstance(config, Config):
+        config = copy.deepcopy(config)
+    return config, [*(overrides or []), *extra]
 
 
 def train(
@@ -54,8 +88,16 @@ def train(
     *,
     resume: bool | str = False,
     overwrite: bool = False,
+    tools: type | None = None,
+    tasks: list[dict] | str | Path | None = None,
+    reward: Any = None,
 ) -> dict[str, Any]:
     """Run SFT then RL as configured; returns the run summary (also in run_dir/summary.json).
+
+    `tools` (a class whose public methods are the tools), `tasks` (task dicts or a JSONL path)
+    and `reward` (`fn(task, tools, answers) -> float | (float, dict)`) train on the custom world
+    without files (fastrl/envs/custom.py); they set `env.name=custom` and `env.tools`,
+    `env.tasks`, `env.reward`.
 
     The run directory is checked first (`fastrl.train.run_dir`): one that holds anything is
     refused without `resume` (continue its latest checkpoint; `"auto"`: or start fresh where
@@ -67,6 +109,7 @@ def train(
     from fastrl.train.run_dir import claim_run_dir, resume_changes
     from fastrl.train.trainer import train as run
 
+    config, overrides = _with_objects(config, overrides, tools, tasks, reward)
     cfg = load_config(config, overrides)
     if os.environ.get("RANK", "0") == "0":  # one process checks; torchrun stops the others
         resume = claim_run_dir(cfg.run_dir, resume, overwrite)
@@ -93,8 +136,13 @@ def evaluate(
     samples: int = 0,
     temperature: float | None = None,
     expert_probe: bool = False,
+    tools: type | None = None,
+    tasks: list[dict] | str | Path | None = None,
+    reward: Any = None,
 ) -> dict[str, Any]:
     """Greedy evaluation of a policy on one split.
+
+    `tools`, `tasks` and `reward` evaluate on the custom world given from Python (see `train`).
 
     `policy` is `model` (the model at `model`, a local HF directory or a preset, or the model of
     the training run `run`: one of the two is required), `oracle` (each task's expert messages),
@@ -132,7 +180,7 @@ def evaluate(
     Every bad argument is a `ConfigError` (or `ReplayError`, `FileNotFoundError`) raised before
     any episode is played, `out` included.
     """
-    from fastrl.envs import ENVS
+    from fastrl.envs import splits_of
     from fastrl.eval import evaluate_split
     from fastrl.train.run_dir import dir_problem
 
@@ -164,13 +212,14 @@ def evaluate(
     replay = read_replay(policy.split(":", 1)[1]) if policy.startswith("replay:") else None
     if run is not None:
         model, config = _run_model_and_config(Path(run), config)
+    config, overrides = _with_objects(config, overrides, tools, tasks, reward)
     cfg = _complete(config, overrides)
     if env is not None:
         cfg.env.name = env
     if model is not None:
         cfg.model.name = model
     load_config(cfg)  # completed and checked: --env brings its environment's defaults
-    splits = ENVS[cfg.env.name].splits
+    splits = splits_of(cfg.env)
     if split not in splits:
         raise ConfigError(
             f"--split: got {split!r}, expected one of {', '.join(splits)} ({cfg.env.name})"

@@ -129,6 +129,16 @@ class EnvConfig:
     seed: int = 0
     # Seconds one tool call may run before it is cut off with an error observation (0: no limit).
     tool_timeout_s: float = 10.0
+    # custom world only (fastrl/envs/custom.py): the class whose public methods are the tools,
+    # FILE.py:ClassName or package.module:ClassName. Relative paths in a config file resolve
+    # against the file's folder.
+    tools: str = ""
+    # custom world only: the tasks, a JSONL file (one task object per line).
+    tasks: str = ""
+    # custom world only, optional: FILE.py:function (or package.module:function) replacing the
+    # default reward, called as fn(task: dict, tools: object, answers: list[str]) -> float or
+    # (float, dict).
+    reward: str = ""
     # The teacher whose demonstrations the SFT warm-up trains on (see TeacherConfig).
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
@@ -758,8 +768,32 @@ def load_config(
             raise ConfigError(f"{path}: malformed YAML{_where(e)}") from None
         _merge(cfg, data)
         cfg.explicit |= _dotted_keys(data)
+        _relative_to(cfg, path.resolve().parent, _dotted_keys(data))
     apply_overrides(cfg, overrides or [])
     return resolve(cfg, env_defaults)
+
+
+# Path-valued keys that a config file gives relative to its own folder (`FILE.py:Name` counts the
+# part before the colon; a `package.module:Name` is left as it is).
+FILE_RELATIVE_KEYS = ("env.tools", "env.tasks", "env.reward")
+
+
+def _relative_to(cfg: Config, folder: Path, given: set[str]) -> None:
+    """Make the relative paths of `FILE_RELATIVE_KEYS` among `given` relative to `folder`."""
+    for key in FILE_RELATIVE_KEYS:
+        *parent, name = key.split(".")
+        node = _get(cfg, ".".join(parent))
+        value = getattr(node, name)
+        if key not in given or not value:
+            continue
+        where, sep, attr = value.rpartition(":") if key != "env.tasks" else ("", "", value)
+        target = where if sep else value
+        if key != "env.tasks" and not target.endswith(".py"):
+            continue
+        path = Path(target).expanduser()
+        if not path.is_absolute():
+            path = folder / path
+        setattr(node, name, f"{path}{sep}{attr}" if sep else str(path))
 
 
 def _where(error: yaml.YAMLError) -> str:

@@ -331,7 +331,7 @@ def evaluate_split(
     the tasks it has an entry for (`replay_tasks`); with `cfg.progress`, bars on stderr count the
     episodes."""
     set_tool_timeout(cfg.env.tool_timeout_s)
-    world = get_world(cfg.env.name)
+    world = get_world(cfg.env.name, cfg.env)
     tasks = world.tasks(split, limit or cfg.env.eval_tasks, seed=cfg.env.seed)
     missing: list[str] = []
     if replay is not None:

@@ -10,8 +10,9 @@ without a call ends the turn and brings the next question; functions held out in
 are revealed (as a user message listing their schemas) at the turn where they come back.
 
 Safe execution: BFCL's own executor builds call strings and runs them through `eval`. Here no
-text reaches `eval`. A parsed call runs only if its name is a public method of an involved class
-that the task offers at this point, with JSON-literal arguments bound as keyword arguments
+text reaches `eval`. A parsed call runs through `fastrl.envs.executor.MethodExecutor` (shared
+with the custom world): only if its name is a public method of an involved class that the task
+offers at this point, with JSON-literal arguments bound as keyword arguments
 (`inspect.signature(...).bind`); anything else, and any exception inside the API class, and any
 output longer than `max_output_chars`, becomes an error observation. Ground-truth call strings
 (trusted package data) are parsed with `ast` into the same form and run through the same
@@ -36,14 +37,14 @@ import copy
 import importlib
 import inspect
 import json
-import math
 import random
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from fastrl.envs.base import Parsed, Task, ToolCall, ToolTimeout, call_with_timeout
+from fastrl.envs.base import Parsed, Task, ToolCall
+from fastrl.envs.executor import MethodExecutor
 from fastrl.envs.formats import get_format
 
 CATEGORIES = ("base", "miss_param", "miss_func", "long_context")
@@ -131,22 +132,9 @@ def _schema(doc: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def _json_literal(value: Any, depth: int = 0) -> bool:
-    if depth > 32:
-        return False
-    if value is None or isinstance(value, (bool, str)):
-        return True
-    if isinstance(value, (int, float)):
-        return not (isinstance(value, float) and not math.isfinite(value))
-    if isinstance(value, list):
-        return all(_json_literal(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _json_literal(v, depth + 1) for k, v in value.items())
-    return False
-
-
 class Executor:
-    """The involved API class instances of one task and a guarded way to call their methods."""
+    """The involved API class instances of one task and a guarded way to call their methods
+    (`fastrl.envs.executor.MethodExecutor`)."""
 
     def __init__(self, entry: dict, *, max_output_chars: int = 4000):
         backend = _package()
@@ -163,7 +151,7 @@ class Executor:
             for name, method in inspect.getmembers(instance, predicate=inspect.ismethod):
                 if not name.startswith("_"):
                     self.methods[name] = method
-        self.max_output_chars = max_output_chars
+        self._executor = MethodExecutor(self.methods, max_output_chars=max_output_chars)
         self.results: list[str] = []  # every executed call's result, in order
 
     def call(
@@ -172,36 +160,10 @@ class Executor:
         """Run one call; returns (observation for the model, result text or None if it did not
         run). An output over `max_output_chars` ran (the state may have changed, and the
         checker sees the result) but the model is shown an error instead."""
-        if not isinstance(name, str) or name not in allowed or name.startswith("_"):
-            return f"Error: unknown function {str(name)[:60]!r}", None
-        method = self.methods.get(name)
-        if method is None:
-            return f"Error: unknown function {name!r}", None
-        if not isinstance(arguments, dict) or not all(isinstance(k, str) for k in arguments):
-            return f"Error: {name}: arguments must be an object of named values", None
-        if not _json_literal(arguments) or not _json_literal(list(positional)):
-            return f"Error: {name}: arguments must be JSON literals", None
-        try:
-            bound = inspect.signature(method).bind(*positional, **arguments)
-        except TypeError as e:
-            return f"Error: {name}: {e}", None
-        try:
-            result = call_with_timeout(method, *bound.args, **bound.kwargs)
-        except ToolTimeout as e:
-            return f"Error: {name} {e}", None
-        except Exception as e:  # the API class's own failure: an observation, not a crash
-            return f"Error during execution: {type(e).__name__}: {str(e)[:300]}", None
-        if isinstance(result, str):
-            text = result
-        else:
-            try:
-                text = json.dumps(result)
-            except (TypeError, ValueError):
-                text = str(result)
-        self.results.append(text)
-        if len(text) > self.max_output_chars:
-            return f"Error: {name}: output of {len(text)} characters exceeds the limit", text
-        return text, text
+        shown, result = self._executor.call(name, arguments, allowed, positional)
+        if result is not None:
+            self.results.append(result)
+        return shown, result
 
 
 def parse_ground_truth(call: str) -> tuple[str, tuple, dict]:

@@ -23,8 +23,9 @@ from fastrl.algo.advantages import ESTIMATORS
 from fastrl.algo.losses import POLICY_LOSSES
 from fastrl.algo.schedule import Phase
 from fastrl.config import Config, ConfigError, save_config
-from fastrl.envs import ENVS, get_world
+from fastrl.envs import ENVS, get_world, splits_of
 from fastrl.envs.base import Task, set_tool_timeout
+from fastrl.envs.custom import CustomWorldError
 from fastrl.envs.teacher import Habits
 from fastrl.models import PRESETS, apply_liger, load_model
 from fastrl.monitor.log import MetricLogger, NullLogger
@@ -45,8 +46,10 @@ log = logging.getLogger("fastrl.train")
 def check_registries(cfg: Config) -> None:
     """Raise ConfigError naming the first key that names no registry entry: `env.name`
     (`fastrl.envs.ENVS`), `rl.advantage` (`ESTIMATORS`), `rl.loss` (`POLICY_LOSSES`), and
-    `eval.splits` (the environment's `splits`); or a teacher habit (`env.teacher.*`) set for an
-    environment other than the synthetic world, the only one that defines them."""
+    `eval.splits` (the environment's `splits`; the custom world loads and checks its tools,
+    tasks and reward here, every problem of its task file at once); or a teacher habit
+    (`env.teacher.*`) set for an environment other than the synthetic world, the only one that
+    defines them."""
     for key, value, known in (
         ("env.name", cfg.env.name, sorted(ENVS)),
         ("rl.advantage", cfg.rl.advantage, sorted(ESTIMATORS)),
@@ -54,7 +57,10 @@ def check_registries(cfg: Config) -> None:
     ):
         if value not in known:
             raise ConfigError(f"{key}: got {value!r}, expected one of {known}")
-    splits = ENVS[cfg.env.name].splits
+    try:
+        splits = splits_of(cfg.env)  # the custom world loads and checks its files here
+    except CustomWorldError as e:
+        raise ConfigError(str(e)) from None
     if not all(s in splits for s in cfg.eval.splits):
         raise ConfigError(f"eval.splits: got {cfg.eval.splits!r}, expected a list from {splits}")
     rates = {k: v for k, v in dataclasses.asdict(cfg.env.teacher).items() if v}
@@ -125,7 +131,7 @@ def describe_forward(cfg: Config, model: torch.nn.Module) -> str:
 
 def build_policy(cfg: Config):
     """Model, tokenizer and model directory for `cfg.model` (presets get a tool-world tokenizer)."""
-    world = get_world(cfg.env.name)
+    world = get_world(cfg.env.name, cfg.env)
     attention = attention_of(cfg)
     if attention == ATTN_IMPLEMENTATION:
         register_packed_attention()

@@ -205,7 +205,7 @@ def run_plan(cfg: Config, resume: bool, stop: StopRequest) -> dict[str, Any]:
     t_start = time.time()
     run_dir = Path(cfg.run_dir)
     dist = build.start_process(cfg)
-    world = get_world(cfg.env.name)
+    world = get_world(cfg.env.name, cfg.env)
     model, tokenizer, model_dir = build.build_trainee(cfg, dist)
     plan = build_plan(cfg)
     log.info("phase plan: %s", describe(plan) or "nothing to train")
