@@ -162,11 +162,13 @@ class Run:
         by_steps = bool(cfg.checkpoint_every) and state.phase_step % cfg.checkpoint_every == 0
         overdue = time.time() - self.last_saved >= 60 * cfg.checkpoint_minutes
         by_time = bool(cfg.checkpoint_minutes) and overdue
-        signum = int(self.dist.all_max(float(self.stop.signum or 0)))
-        if self.dist.all_max(float(phase_end or by_steps or by_time)) or signum:
+        # One collective carries both decisions: 2 x the signal asked for, plus 1 when due.
+        mine = 2 * (self.stop.signum or 0) + int(phase_end or by_steps or by_time)
+        agreed = int(self.dist.all_max(float(mine)))
+        if agreed:
             saved = self.checkpoint()
-            if signum:
-                raise Interrupted(signum, state.step, saved)
+            if agreed // 2:
+                raise Interrupted(agreed // 2, state.step, saved)
 
     def evaluate(self, split: str) -> dict[str, Any]:
         """Greedy evaluation of `split` on rank 0 (the others wait and get None for success)."""
