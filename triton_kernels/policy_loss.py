@@ -305,6 +305,22 @@ class _Config(NamedTuple):
     grad_entropy: bool
 
 
+class LaunchConfig(NamedTuple):
+    block_t: int  # tokens per loop step of a row program
+    rows_warps: int
+    block_b: int  # rows per loop step of the finalize program
+    finalize_warps: int
+
+
+def launch_config(n_rows: int, n_cols: int, acc_dtype: torch.dtype) -> LaunchConfig:
+    """Block sizes and warps of both kernels for `(n_rows, n_cols)` inputs accumulated in
+    `acc_dtype` (also read by `bench/cuda_check.py`, which compiles what this picks)."""
+    block_t = max(16, min(MAX_BLOCK_T[acc_dtype], triton.next_power_of_2(max(n_cols, 1))))
+    warps = max(1, min(8, block_t // (32 * TOKENS_PER_THREAD[acc_dtype])))
+    block_b = max(16, min(MAX_BLOCK_B, triton.next_power_of_2(max(n_rows, 1))))
+    return LaunchConfig(block_t, warps, block_b, 4)
+
+
 def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -331,9 +347,7 @@ def _launch(
     loss = torch.empty((), dtype=cfg.loss_dtype, device=device)
     stats = torch.empty(N_STATS, dtype=acc, device=device)
     inv_norm = torch.empty((), dtype=acc, device=device)
-    block_t = max(16, min(MAX_BLOCK_T[acc], triton.next_power_of_2(max(n_cols, 1))))
-    warps = max(1, min(8, block_t // (32 * TOKENS_PER_THREAD[acc])))
-    block_b = max(16, min(MAX_BLOCK_B, triton.next_power_of_2(max(n_rows, 1))))
+    launch = launch_config(n_rows, n_cols, acc)
     has_ref, has_ent = ref is not None, entropy is not None
     agg = cfg.loss_agg
     with _device_guard(device):
@@ -374,8 +388,8 @@ def _launch(
                 WRITE_GRAD_ENT=grad_ent is not None,
                 N_TERMS=13 if acc == torch.float64 else 7,
                 NP=N_PARTIALS,
-                BLOCK_T=block_t,
-                num_warps=warps,
+                BLOCK_T=launch.block_t,
+                num_warps=launch.rows_warps,
             )
         _policy_loss_finalize_kernel[(1,)](
             partials,
@@ -386,8 +400,8 @@ def _launch(
             ACC=tl_acc,
             TOKEN_MEAN=agg == "token-mean",
             NP=N_PARTIALS,
-            BLOCK_B=block_b,
-            num_warps=4,
+            BLOCK_B=launch.block_b,
+            num_warps=launch.finalize_warps,
         )
     return loss, stats, inv_norm, grad_lp, grad_ent
 
