@@ -405,7 +405,7 @@ def test_cuda_sources_compile_for_sm90(tmp_path):
     python_include = sysconfig.get_paths()["include"]
     for source in sorted((root / "csrc").glob("*.cu")):
         result = subprocess.run(
-            ["nvcc", "-c", "-std=c++17", "-gencode=arch=compute_90,code=sm_90",
+            ["nvcc", "-c", "-std=c++20", "-gencode=arch=compute_90,code=sm_90",
              "-DFASTRL_WITH_CUDA", "-D_GLIBCXX_USE_CXX11_ABI=1", f"-I{python_include}",
              *includes, str(source), "-o", str(tmp_path / (source.stem + ".o"))],
             capture_output=True, text=True, timeout=600,
