@@ -3,6 +3,7 @@ clipped GRPO loss, forward + backward (gradients for hidden and weight).
 
     python bench/bench_fused_linear.py                    # CUDA: M=16384 H=4096 V=131072
     python bench/bench_fused_linear.py --m 1024 --h 256 --v 32000
+    python bench/bench_fused_linear.py --providers naive fastrl-triton liger
 
 Providers, measured in the same run:
     naive           hidden @ weight.T → fp32 log_softmax → gather, entropy → loss (eager torch)
@@ -38,6 +39,7 @@ from harness import (  # noqa: E402
 from fastrl.ops import reference  # noqa: E402
 
 CONTROL_IDS = [11, 17, 23]
+PROVIDERS = ("naive", "compiled", "fastrl-torch", "fastrl-triton", "liger")
 # The Triton loss on CUDA; the torch reference elsewhere (called directly so that
 # `torch.compile` of the naive step traces it without the dispatcher).
 policy_loss = reference.policy_loss
@@ -133,6 +135,9 @@ def main() -> None:
     # bf16 matmuls are emulated (slow) on most CPUs: fp32 there.
     parser.add_argument("--dtype", default="bfloat16" if gpu else "float32")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--providers", nargs="+", choices=PROVIDERS, help="providers to run (default: all)"
+    )
     add_out_argument(parser)
     args = parser.parse_args()
     device = default_device()
@@ -155,7 +160,13 @@ def main() -> None:
     rows, base = [], None
     widths = [14, 10, 9, 10, 11, 10]
     print(fmt_row(["provider", "ms", "TFLOP/s", "of mm", "peak MiB", "vs naive"], widths))
-    for name, step in providers(device, b, t).items():
+    table = providers(device, b, t)
+    missing = sorted(set(args.providers or ()) - set(table))
+    if missing:  # fastrl-triton off CUDA, liger when not installed
+        print(f"not available here: {', '.join(missing)}")
+    for name, step in table.items():
+        if args.providers and name not in args.providers:
+            continue
 
         def run(step=step):
             hidden.grad = weight.grad = None

@@ -3,6 +3,7 @@
     python bench/bench_logprobs.py                       # CUDA: N sweep at V=160000; CPU: small
     python bench/bench_logprobs.py --memory              # peak extra memory, N=4096, V=152064
     python bench/bench_logprobs.py --n 32768 --v 160000
+    python bench/bench_logprobs.py --providers naive fastrl-triton --modes full grpo
 
 Providers, measured in the same run:
     naive           log_softmax over an fp32 copy of the logits, gather, entropy (eager torch)
@@ -73,6 +74,18 @@ def providers(device: torch.device) -> dict:
     return out
 
 
+PROVIDERS = ("naive", "compiled", "fastrl-torch", "fastrl-triton")  # fwd and full modes
+
+
+def select(table: dict, names: list[str] | None) -> dict:
+    """The providers named (all when `names` is empty); one this device lacks (fastrl-triton off
+    CUDA) is reported and skipped."""
+    missing = sorted(set(names or ()) - set(table))
+    if missing:
+        print(f"not available here: {', '.join(missing)}")
+    return {k: v for k, v in table.items() if not names or k in names}
+
+
 def _stats(fn, logits, labels, control):
     """A backend function called as `fastrl.ops` calls it (ids as a tensor): logprobs, entropy."""
     logprobs, entropy, _ = fn(logits, labels, with_entropy=True, control_ids=control)
@@ -120,7 +133,7 @@ def run(args) -> dict:
         logits = (torch.randn(n, v, device=device, generator=gen) * 4).to(dtype)
         labels = torch.randint(0, v, (n,), device=device, generator=gen)
         w1, w2 = torch.randn(n, device=device), torch.randn(n, device=device)
-        table = providers(device)
+        table = select(providers(device), args.providers)
         for mode in args.modes:
             base = None
             for name, fn in table.items():
@@ -280,6 +293,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--modes", nargs="+", default=["fwd", "full", "grpo"])
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--providers", nargs="+", choices=PROVIDERS, help="fwd/full providers (default: all)"
+    )
     parser.add_argument("--memory", action="store_true", help="only the peak-memory case")
     add_out_argument(parser)
     args = parser.parse_args()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import re
@@ -72,8 +73,9 @@ def python() -> str:
     return sys.executable
 
 
-def bench(script: str, *args: object, out: Path) -> list[str]:
-    return [python(), str(BENCH / script), *map(str, args), "--out", str(out)]
+def bench(script: str, args: str, out: Path) -> list[str]:
+    """A benchmark script's command line: `args` split on spaces, results merged into `out`."""
+    return [python(), str(BENCH / script), *args.split(), "--out", str(out)]
 
 
 def gpu_test_files() -> list[str]:
@@ -83,9 +85,11 @@ def gpu_test_files() -> list[str]:
 
 
 def plan(out_json: Path) -> dict[str, list[Command]]:
-    """The commands of every part, in order."""
+    """The commands of every part, in order. The kernel benchmarks run the naive baseline,
+    fastrl's Triton kernels and Liger (torch.compile and the torch references would not fit)."""
     n, v = LOGITS["n"], LOGITS["v"]
     m, h, vf = FUSED["m"], FUSED["h"], FUSED["v"]
+    b, t = LOSS["b"], LOSS["t"]
     ceil = (
         "import json, sys, torch; sys.path.insert(0, 'bench'); from harness import ceilings; "
         "print('CEILINGS', json.dumps(ceilings(torch.device('cuda'))))"
@@ -94,68 +98,41 @@ def plan(out_json: Path) -> dict[str, list[Command]]:
         "import torch; from fastrl.ops import _ext; ok = _ext.has_cuda_kernels(); "
         "print('fastrl._C CUDA kernels:', ok); raise SystemExit(0 if ok else 1)"
     )
+    pytest = [python(), "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rs"]
+    build_env = {"FASTRL_BUILD_EXT": "1", "MAX_JOBS": "4"}
+    logprobs = f"--n {n} --v {v} --modes fwd full grpo --providers naive fastrl-triton"
+    fused = f"--m {m} --h {h} --v {vf} --providers naive fastrl-triton liger"
     return {
         "build": [
-            Command(
-                "build_ext",
-                [python(), "setup.py", "build_ext", "--inplace"],
-                300,
-                env={"FASTRL_BUILD_EXT": "1", "MAX_JOBS": "4"},
-            ),
+            Command("build_ext", [python(), "setup.py", "build_ext", "--inplace"], 240, build_env),
             Command("extension loads", [python(), "-c", ext], 60),
         ],
-        "tests": [
-            Command(
-                "pytest -m gpu",
-                [
-                    python(),
-                    "-m",
-                    "pytest",
-                    "-m",
-                    "gpu",
-                    "-q",
-                    "-p",
-                    "no:cacheprovider",
-                    "-rs",
-                    *gpu_test_files(),
-                ],
-                300,
-            )  # fmt: skip
-        ],
-        "ceilings": [Command("ceilings", [python(), "-c", ceil], 90, gpu_bytes=2 * 2**31)],
+        "tests": [Command("pytest -m gpu", [*pytest, *gpu_test_files()], 200)],
+        "ceilings": [Command("ceilings", [python(), "-c", ceil], 60, gpu_bytes=2 * 2**31)],
         "kernels": [
+            # bf16 logits and the naive path's fp32 copies
             Command(
                 "bench_logprobs",
-                bench(
-                    "bench_logprobs.py",
-                    "--n",
-                    n,
-                    "--v",
-                    v,
-                    "--modes",
-                    "fwd",
-                    "full",
-                    "grpo",
-                    out=out_json,
-                ),
-                240,
-                gpu_bytes=n * v * (2 + 4 + 4),  # bf16 logits, the naive path's fp32 copies
-            ),  # fmt: skip
+                bench("bench_logprobs.py", logprobs, out_json),
+                150,
+                gpu_bytes=n * v * (2 + 4 + 4),
+            ),
+            # the naive path's logits; the weight and its fp32 gradient
             Command(
                 "bench_fused_linear",
-                bench("bench_fused_linear.py", "--m", m, "--h", h, "--v", vf, out=out_json),
-                240,
-                gpu_bytes=m * vf * (2 + 4) + vf * h * (2 + 4),  # naive logits; weight + fp32 grad
+                bench("bench_fused_linear.py", fused, out_json),
+                150,
+                gpu_bytes=m * vf * (2 + 4) + vf * h * (2 + 4),
             ),
             Command(
                 "bench_policy_loss",
-                bench("bench_policy_loss.py", "--b", LOSS["b"], "--t", LOSS["t"], out=out_json),
-                120,
-                gpu_bytes=12 * LOSS["b"] * LOSS["t"] * 4,
+                bench("bench_policy_loss.py", f"--b {b} --t {t}", out_json),
+                60,
+                gpu_bytes=12 * b * t * 4,
             ),
-            Command("bench_packing", bench("bench_packing.py", out=out_json), 120),
-        ],
-        "step": [Command("bench_step", bench("bench_step.py", out=out_json), 300)],
+            Command("bench_packing", bench("bench_packing.py", "", out_json), 60),
+        ],  # fmt: skip
+        "step": [Command("bench_step", bench("bench_step.py", "", out_json), 180)],
     }
 
 
@@ -297,6 +274,11 @@ def dry_run(parts: list[str], gpu_mem_gib: float, log: Log) -> int:
                 for flag in (a for a in cmd.argv if a.startswith("--")):
                     if f'"{flag}"' not in source:
                         problems.append(f"{cmd.label}: {script.name} has no {flag} option")
+                if "--providers" in cmd.argv:
+                    names = cmd.argv[cmd.argv.index("--providers") + 1 :]
+                    for name in itertools.takewhile(lambda a: not a.startswith("--"), names):
+                        if f'"{name}"' not in source:
+                            problems.append(f"{cmd.label}: {script.name} has no provider {name}")
             if cmd.gpu_bytes > gpu_mem_gib * 2**30 * 0.9:
                 problems.append(
                     f"{cmd.label}: needs about {cmd.gpu_bytes / 2**30:.0f} GiB of the "

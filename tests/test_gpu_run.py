@@ -55,3 +55,7 @@ def test_dry_run_finds_a_flag_the_script_lacks_and_a_shape_too_large(monkeypatch
     monkeypatch.setattr(gpu_run, "plan", lambda out: {**commands, "kernels": [bad]})
     assert gpu_run.dry_run(["kernels"], 80.0, gpu_run.Log(None)) == 1
     assert "bench_logprobs.py has no --no-such-flag option" in capsys.readouterr().out
+
+    bad.argv = gpu_run.bench("bench_fused_linear.py", "--providers naive nope", Path("o.json"))
+    assert gpu_run.dry_run(["kernels"], 80.0, gpu_run.Log(None)) == 1
+    assert "has no provider nope" in capsys.readouterr().out
