@@ -369,9 +369,14 @@ def policy_loss_plan(pl) -> list[KernelConfig]:
                 "grad_ent_ptr": acc_ptr,
                 "partial_ptr": acc_ptr,
                 "T": t,
-                # (B, T) row-major tensors; advantages (B,) expanded over T: strides (1, 0).
-                **{f"s_{n}_b": t for n in ("lp", "old", "m", "ref", "ent")},
-                **{f"s_{n}_t": 1 for n in ("lp", "old", "m", "ref", "ent")},
+                # (B, T) row-major tensors; advantages (B,) expanded over T: strides (1, 0);
+                # a missing reference or entropy is passed with strides (0, 0).
+                **{f"s_{n}_b": t for n in ("lp", "old", "m")},
+                **{f"s_{n}_t": 1 for n in ("lp", "old", "m")},
+                "s_ref_b": t if ref else 0,
+                "s_ref_t": 1 if ref else 0,
+                "s_ent_b": t if ent else 0,
+                "s_ent_t": 1 if ent else 0,
                 "s_adv_b": 1,
                 "s_adv_t": 0,
                 "clip_lo": 0.8,
