@@ -5,7 +5,8 @@ The extension's tests are skipped when it is not built (`pip install --no-build-
 builds it). Its CPU kernels are checked here: results against `fastrl.ops.reference`,
 `torch.library.opcheck` (schema, fake kernels, autograd registration, AOT dispatch with dynamic
 shapes), float64 gradcheck and a torch.compile trace. The CUDA kernels
-are compared with the CPU kernels when a GPU and a CUDA build are present.
+are compared with the CPU kernels when a GPU and a CUDA build are present; `make cuda-check`
+compiles them for sm_90a and sm_80.
 
 That the CUDA kernels never synchronise with the host when `total` is given cannot be observed on
 a CPU; it holds by construction (see csrc/ops_cuda.cu: the only `.item()` calls sit behind
@@ -13,11 +14,6 @@ a CPU; it holds by construction (see csrc/ops_cuda.cu: the only `.item()` calls 
 """
 
 from __future__ import annotations
-
-import shutil
-import subprocess
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
@@ -388,26 +384,3 @@ def check_cuda_matches_cpu(
     torch.testing.assert_close(
         _ext.segment_sum(packed.to(dev), cu.to(dev)).cpu(), _ext.segment_sum(packed, cu), **tol
     )
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_cuda_sources_compile_for_sm90(tmp_path):
-    """Where nvcc exists but torch is CPU-only, the .cu sources still compile for sm_90."""
-    from torch.utils import cpp_extension
-
-    # The CPU wheel lacks this one generated CUDA config header; an empty stand-in is enough to
-    # compile (it only carries build switches).
-    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
-    stub.parent.mkdir(parents=True)
-    stub.write_text("#pragma once\n")
-    root = Path(__file__).resolve().parents[1]
-    includes = [f"-I{p}" for p in (*cpp_extension.include_paths(), str(tmp_path), root / "csrc")]
-    python_include = sysconfig.get_paths()["include"]
-    for source in sorted((root / "csrc").glob("*.cu")):
-        result = subprocess.run(
-            ["nvcc", "-c", "-std=c++20", "-gencode=arch=compute_90,code=sm_90",
-             "-DFASTRL_WITH_CUDA", "-D_GLIBCXX_USE_CXX11_ABI=1", f"-I{python_include}",
-             *includes, str(source), "-o", str(tmp_path / (source.stem + ".o"))],
-            capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-4000:]
