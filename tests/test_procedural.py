@@ -1,0 +1,221 @@
+"""The procedural tool world (fastrl/envs/procedural.py) and the pretraining stage on it
+(fastrl/pretrain.py): determinism, both syntaxes, dependent calls, disjointness from the
+synthetic world, the CLI verb's errors, and a short run that learns."""
+
+import json
+import re
+
+import pytest
+
+from fastrl.cli import main
+from fastrl.envs import get_world
+from fastrl.envs.base import ToolCall
+from fastrl.envs.formats import get_format
+from fastrl.envs.procedural import SPLITS, ProceduralWorld, draw
+from fastrl.envs.synthetic import tools as world_tools
+from fastrl.envs.synthetic.tasks import OOD_TEMPLATES, TEMPLATES
+
+
+@pytest.fixture(scope="module")
+def procedural():
+    return ProceduralWorld()
+
+
+def play(env, task, messages):
+    """Send assistant `messages` in order; return the score and every observation."""
+    env.reset(task)
+    form = get_format(task.fmt)
+    observations = []
+    for text in messages:
+        obs, done = env.step(text, form.parse(text))
+        observations += obs
+        if done:
+            break
+    return env.score()[0], observations
+
+
+# --- the generator ------------------------------------------------------------------------------
+
+
+def test_tasks_are_deterministic_and_prefixes(procedural):
+    assert draw("train", 3, 7) == draw("train", 3, 7)
+    assert draw("train", 3, 7) != draw("train", 4, 7)
+    five = procedural.tasks("train", 5, seed=1)
+    assert [t.messages for t in procedural.tasks("train", 3, seed=1)] == [
+        t.messages for t in five[:3]
+    ]
+    assert procedural.tokenizer_corpus(20) == procedural.tokenizer_corpus(20)
+
+
+def test_held_out_tasks_are_the_same_in_both_syntaxes_and_not_in_train(procedural):
+    hermes = procedural.tasks("test_hermes", 40)
+    pythonic = procedural.tasks("test_pythonic", 40)
+    assert {t.fmt for t in hermes} == {"hermes"} and {t.fmt for t in pythonic} == {"pythonic"}
+    for h, p in zip(hermes, pythonic, strict=True):
+        assert h.messages[1] == p.messages[1] and h.meta == p.meta
+        assert "hermes JSON syntax" in h.messages[0]["content"]
+        assert "pythonic list syntax" in p.messages[0]["content"]
+    train = {t.messages[1]["content"] + json.dumps(t.meta) for t in procedural.tasks("train", 400)}
+    assert not train & {t.messages[1]["content"] + json.dumps(t.meta) for t in hermes}
+    assert {t.fmt for t in procedural.tasks("train", 40)} == {"hermes", "pythonic"}
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_expert_calls_parse_back_and_solve_the_task(procedural, split):
+    env = procedural.make_env()
+    for task in procedural.tasks(split, 60):
+        form = get_format(task.fmt)
+        turn = task.meta["turns"][0]
+        *calls, answer = task.expert[0]
+        for text, call in zip(calls, turn["calls"], strict=True):
+            assert form.parse(text).calls == [ToolCall(call["name"], call["arguments"])]
+        assert form.parse(answer).calls == []
+        reward, observations = play(env, task, task.expert[0])
+        assert reward == 1.0
+        assert [json.loads(o["content"]) for o in observations] == [
+            c["result"] for c in turn["calls"]
+        ]
+
+
+def test_dependent_calls_take_the_earlier_result(procedural):
+    env = procedural.make_env()
+    chains = 0
+    for task in procedural.tasks("train", 200):
+        turn = task.meta["turns"][0]
+        calls = turn["calls"]
+        if len({c["name"] for c in calls}) < 2:
+            continue  # one call, or one tool for two entities
+        chains += 1
+        for before, after in zip(calls, calls[1:]):
+            (value,) = after["arguments"].values()
+            assert value in before["result"].values()
+        assert any(v in map(str, calls[-1]["result"].values()) for v in turn["expected"])
+        # The later call with the entity of the question instead of the result fails.
+        form = get_format(task.fmt)
+        (first_value,) = calls[0]["arguments"].values()
+        (arg,) = calls[1]["arguments"]
+        wrong = form.render_calls([ToolCall(calls[1]["name"], {arg: first_value})])
+        messages = [task.expert[0][0], wrong, task.expert[0][-1]]
+        reward, observations = play(env, task, messages)
+        assert "error" in json.loads(observations[-1]["content"])
+    assert chains >= 50
+
+
+def test_answers_need_the_results(procedural):
+    env = procedural.make_env()
+    for task in procedural.tasks("test_hermes", 30):
+        reward, _ = play(env, task, ["I do not know."])
+        assert reward == 0.0
+
+
+# --- disjointness from the synthetic tool world -------------------------------------------------
+
+
+def _synthetic_questions() -> set[str]:
+    world = get_world("synthetic")
+    return {
+        turn["question"]
+        for split in world.splits
+        for task in world.tasks(split, 300)
+        for turn in task.meta["turns"]
+    }
+
+
+def _skeleton(text: str) -> str:
+    """A question with its values masked: capitalised words, numbers, ids, quoted text."""
+    text = re.sub(r"'[^']*'", "<V>", text)
+    return re.sub(r"\b(?:[A-Z][a-z]+|[A-Za-z]?\d+)\b", "<V>", text)
+
+
+def test_pretraining_data_is_disjoint_from_the_tool_world(procedural):
+    texts = procedural.tokenizer_corpus(1500)
+    words = {w.lower() for text in texts for w in re.findall(r"[A-Za-z]+", text)}
+    world_schemas = world_tools.TOOLS.values()  # content_ood's tools included
+    for name in (s["name"] for s in world_schemas):
+        assert not any(re.search(rf"\b{name}\b", text) for text in texts), name
+    # Argument and result names: "name" is also a key of the hermes syntax itself, so these are
+    # compared as names, not searched in the text.
+    world_args = {a for s in world_schemas for a in s["parameters"]}
+    keys = set()
+    for task in procedural.tasks("train", 1500):
+        keys |= {a for s in task.tools for a in s["parameters"]}
+        keys |= {f for c in task.meta["turns"][0]["calls"] for f in c["result"]}
+    assert not keys & world_args
+    pools = (
+        world_tools.PEOPLE,
+        world_tools.CITIES,
+        world_tools.CURRENCIES,
+        world_tools.SKIES,
+        world_tools.TODO_ITEMS,
+        world_tools.OOD_PEOPLE,
+        world_tools.OOD_CITIES,
+        world_tools.OOD_ITEMS,
+    )
+    entries = {entry.lower() for pool in pools for entry in pool}
+    assert not words & entries  # names, cities, currencies, skies, items
+    phrases = [e for e in entries if " " in e]  # todo texts ("call" alone is the format's word)
+    assert phrases and not any(p in text.lower() for p in phrases for text in texts)
+    # Question templates: no question of the tool world, masked to its wording, is a
+    # procedural one; train, test and content_ood templates are all drawn above.
+    assert sum(len(t) for t in (*TEMPLATES.values(), *OOD_TEMPLATES.values())) > 20
+    synthetic = {_skeleton(q) for q in _synthetic_questions()}
+    questions = {t.messages[1]["content"] for t in procedural.tasks("train", 1500)}
+    assert not synthetic & {_skeleton(q) for q in questions}
+    assert not _synthetic_questions() & questions
+
+
+# --- the stage and its CLI verb -----------------------------------------------------------------
+
+TINY_RUN = [
+    "pretrain.steps=4",
+    "pretrain.batch_size=4",
+    "pretrain.tasks=8",
+    "pretrain.lr=3e-3",
+    "pretrain.warmup_ratio=0",
+    "pretrain.schedule=constant",
+    "pretrain.eval_tasks=0",
+    "model.vocab_size=400",
+    "checkpoint_every=2",
+    "progress=false",
+    "threads=2",
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["pretrain.steps=0"], "pretrain.steps"),
+        (["pretrain.bogus=1"], "pretrain.bogus"),
+        (["model.name=/no/such/dir"], "model.name"),
+        (["pretrain.batch_size=99", "pretrain.tasks=3"], "pretrain.tasks"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(overrides, key, tmp_path, capsys):
+    rc = main(["pretrain", f"run_dir={tmp_path / 'run'}", *TINY_RUN, *overrides])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == ""
+    lines = [line for line in captured.err.splitlines() if line.startswith("fastrl: error:")]
+    assert len(lines) == 1 and key in lines[0]
+
+
+def test_a_short_run_writes_checkpoints_and_its_loss_falls(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["pretrain", f"run_dir={run_dir}", *TINY_RUN]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    summary = json.loads(out[0])
+    assert summary["loss_last"] < summary["loss_first"]
+    assert (run_dir / "checkpoints" / "step_000004" / "model.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000004"
+    recipe = json.loads((run_dir / "final" / "recipe.json").read_text())
+    assert recipe["recipe_hash"] == summary["recipe_hash"]
+    assert recipe["recipe"]["pretrain"]["steps"] == 4
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 5))
+    # The same recipe in the same directory resumes from its last checkpoint: nothing to redo,
+    # the same result; another recipe there is refused.
+    assert main(["pretrain", f"run_dir={run_dir}", *TINY_RUN]) == 0
+    again = json.loads(capsys.readouterr().out.strip())
+    assert again["loss_last"] == summary["loss_last"]
+    assert main(["pretrain", f"run_dir={run_dir}", *TINY_RUN, "pretrain.lr=1e-3"]) == 2
+    assert "another recipe" in capsys.readouterr().err
