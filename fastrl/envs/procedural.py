@@ -354,7 +354,13 @@ class ProceduralWorld:
 
     name = "procedural"
     splits = SPLITS
-    config_defaults: Mapping[str, Any] = {}
+    config_defaults: Mapping[str, Any] = {
+        # The teacher's habits are the synthetic world's; here the expert is the teacher.
+        "env.teacher.stop_early_rate": 0.0,
+        "env.teacher.skip_lookup_rate": 0.0,
+        "env.teacher.guess_rate": 0.0,
+        "eval.splits": ["test_hermes", "test_pythonic"],
+    }
 
     def tasks(self, split: str, n: int, seed: int = 0) -> list[Task]:
         """The first `n` tasks of `split`; deterministic, and a prefix of any longer request."""
