@@ -14,8 +14,9 @@ Nothing here is drawn from the synthetic tool world: its tool and argument names
 and question templates are excluded from every word list at import, and
 `tests/test_procedural.py` checks the generated text against that world programmatically.
 
-Splits: `train` (a syntax drawn per task) and the held-out tasks (one content hash bucket in
-five) in each syntax, `test_hermes` and `test_pythonic`, task for task the same.
+Splits: `train` and `test` (the held-out tasks, one content hash bucket in five), a syntax drawn
+per task, and the held-out tasks in each syntax, `test_hermes` and `test_pythonic`, task for task
+the same.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from fastrl.envs.formats import FORMATS, get_format
 from fastrl.envs.synthetic import tools as world_tools
 from fastrl.envs.synthetic.tools import answer_ok, dumps
 
-SPLITS = ("train", "test_hermes", "test_pythonic")
+SPLITS = ("train", "test", "test_hermes", "test_pythonic")
 _HELD_OUT_EVERY = 5
 _CALL_COUNT_WEIGHTS = {1: 35, 2: 40, 3: 25}
 _PAIR_PROB = 0.25  # of the 2-call tasks, the share of two independent lookups
@@ -371,7 +372,7 @@ class ProceduralWorld:
 
     def _task(self, split: str, stream: str, seed: int, index: int) -> Task:
         content = draw(stream, seed, index)
-        fmt = content["fmt"] if split == "train" else split.removeprefix("test_")
+        fmt = content["fmt"] if split in ("train", "test") else split.removeprefix("test_")
         turn, form = content["turn"], get_format(fmt)
         expert = [form.render_calls([ToolCall(c["name"], c["arguments"])]) for c in turn["calls"]]
         return Task(
