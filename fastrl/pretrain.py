@@ -66,6 +66,9 @@ log = logging.getLogger("fastrl.pretrain")
 # Bump when the stage changes what a recipe builds (generator, loss, data order).
 PRETRAIN_FORMAT_VERSION = 1
 RECIPE_FILE = "recipe.json"
+# Bases committed to the repository (`fastrl/bases/<name>/`, written by `fastrl pretrain`'s
+# final/): a cache miss copies one whose recipe hash is the one asked for instead of training.
+SHIPPED_DIR = Path(__file__).resolve().parent / "bases"
 EVAL_SPLITS = ("test_hermes", "test_pythonic")
 
 
@@ -112,6 +115,12 @@ def recipe_hash(rec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()
 
 
+def recipe_hash_of(model_dir: str | Path) -> str | None:
+    """The recipe hash a base directory records, None when it holds no recipe."""
+    path = Path(model_dir) / RECIPE_FILE
+    return json.loads(path.read_text())["recipe_hash"] if path.is_file() else None
+
+
 # --- the stage ----------------------------------------------------------------------------------
 
 
@@ -133,12 +142,15 @@ def _initial_model(cfg: Config, directory: Path) -> Path:
     return directory
 
 
-def pretrain(cfg: Config, run_dir: str | Path | None = None) -> dict[str, Any]:
+def pretrain(
+    cfg: Config, run_dir: str | Path | None = None, rec: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run the pretraining stage of `cfg` into `run_dir` (default `cfg.run_dir`); return the
-    summary (also `run_dir/summary.json`). The base lands in `run_dir/final` with its recipe."""
+    summary (also `run_dir/summary.json`). The base lands in `run_dir/final` with its recipe
+    (`rec`: `recipe(cfg)`, computed when not given)."""
     run_dir = Path(run_dir or cfg.run_dir)
     p = cfg.pretrain
-    rec = recipe(cfg)
+    rec = rec or recipe(cfg)
     key = recipe_hash(rec)
     t_start = time.time()
 
@@ -272,18 +284,33 @@ def pretrain(cfg: Config, run_dir: str | Path | None = None) -> dict[str, Any]:
 def materialize_base(cfg: Config) -> Path:
     """The directory of `cfg.model.name` (a `<preset>-base`) for `cfg`'s recipe, built on first use.
 
-    `model.cache_dir/<name>-<hash>`, the hash of `recipe(cfg)`. A build runs the stage in
-    `model.cache_dir/.<name>-<hash>.build` (a killed build resumes there) and renames its `final/`
-    into place, so a finished directory is never partial.
+    `model.cache_dir/<name>-<hash>`, the hash of `recipe(cfg)`. On a miss, a shipped base of the
+    same recipe hash (`SHIPPED_DIR/<name>`) is copied in; else the stage runs in
+    `model.cache_dir/.<name>-<hash>.build` (a killed build resumes there) and its `final/` is
+    renamed into place. Either way a finished directory is never partial.
     """
-    key = recipe_hash(recipe(cfg))
+    rec = recipe(cfg)
+    key = recipe_hash(rec)
     cache_dir = Path(cfg.model.cache_dir).expanduser()
     target = cache_dir / f"{cfg.model.name}-{key[:16]}"
     if (target / RECIPE_FILE).is_file():
         return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    shipped = SHIPPED_DIR / cfg.model.name
+    if recipe_hash_of(shipped) == key:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
+        shutil.copytree(shipped, staging, dirs_exist_ok=True)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if recipe_hash_of(target) != key:
+                raise
+        log.info("%s: the shipped base %s (recipe %s)", cfg.model.name, shipped, key[:16])
+        return target
     build_dir = cache_dir / f".{target.name}.build"
     log.info("building %s (recipe %s) in %s", cfg.model.name, key[:16], build_dir)
-    summary = pretrain(cfg, build_dir)
+    summary = pretrain(cfg, build_dir, rec)
     log.info("built %s: %s", cfg.model.name, json.dumps(summary))
     try:
         os.replace(build_dir / "final", target)

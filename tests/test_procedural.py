@@ -4,6 +4,7 @@ synthetic world, the CLI verb's errors, and a short run that learns."""
 
 import json
 import re
+import shutil
 
 import pytest
 
@@ -219,3 +220,58 @@ def test_a_short_run_writes_checkpoints_and_its_loss_falls(tmp_path, capsys):
     assert again["loss_last"] == summary["loss_last"]
     assert main(["pretrain", f"run_dir={run_dir}", *TINY_RUN, "pretrain.lr=1e-3"]) == 2
     assert "another recipe" in capsys.readouterr().err
+
+
+def _base_config(cache_dir, *overrides):
+    from fastrl import load_config
+
+    given = ["model.name=tiny-base", f"model.cache_dir={cache_dir}", *TINY_RUN, "pretrain.steps=2"]
+    return load_config(None, [*given, *overrides])
+
+
+def test_the_base_is_deterministic_built_once_and_shipped_by_recipe(tmp_path, monkeypatch):
+    import fastrl.pretrain as stage
+
+    first = stage.materialize_base(_base_config(tmp_path / "a"))
+    second = stage.materialize_base(_base_config(tmp_path / "b"))
+    assert first.name == second.name and first.name.startswith("tiny-base-")
+    weights = [(d / "model.safetensors").read_bytes() for d in (first, second)]
+    assert weights[0] == weights[1]  # deterministic on CPU
+    assert stage.recipe_hash_of(first) == stage.recipe_hash(stage.recipe(_base_config(tmp_path)))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("pretrained again")
+
+    monkeypatch.setattr(stage, "pretrain", no_training)
+    assert stage.materialize_base(_base_config(tmp_path / "a")) == first  # cached
+
+    # A shipped base of the asked recipe is copied into an empty cache; another recipe trains.
+    monkeypatch.setattr(stage, "SHIPPED_DIR", tmp_path / "shipped")
+    shutil.copytree(first, tmp_path / "shipped" / "tiny-base")
+    copied = stage.materialize_base(_base_config(tmp_path / "c"))
+    assert (copied / "model.safetensors").read_bytes() == weights[0]
+    with pytest.raises(AssertionError, match="pretrained again"):
+        stage.materialize_base(_base_config(tmp_path / "c", "pretrain.lr=1e-3"))
+
+    # The policy a training run builds from `model.name: tiny-base` is that base, and its
+    # tokenizer reads the tool world's text.
+    from fastrl.train.build import build_policy
+
+    model, tokenizer, model_dir = build_policy(_base_config(tmp_path / "a"))
+    assert model_dir == first
+    prompt = get_world("synthetic").tasks("test", 1)[0].messages[0]["content"]
+    assert tokenizer.decode(tokenizer.encode(prompt, add_special_tokens=False)) == prompt
+
+
+def test_shipped_bases_match_the_current_recipe():
+    """A base committed under fastrl/bases/ must be what `fastrl pretrain` builds from the
+    default recipe of its name today (else the cache would never use it)."""
+    from fastrl import load_config
+    from fastrl.pretrain import SHIPPED_DIR, recipe, recipe_hash, recipe_hash_of
+
+    shipped = sorted(SHIPPED_DIR.glob("*-base")) if SHIPPED_DIR.is_dir() else []
+    if not shipped:
+        pytest.skip("no base is shipped")
+    for path in shipped:
+        cfg = load_config(None, [f"model.name={path.name}"])
+        assert recipe_hash_of(path) == recipe_hash(recipe(cfg)), path.name
