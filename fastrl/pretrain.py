@@ -172,7 +172,7 @@ def pretrain(
     if attention == ATTN_IMPLEMENTATION:
         register_packed_attention()
     model, tokenizer, _ = load_model(
-        _initial_model(cfg, run_dir / "init"), attn_implementation=attention
+        _initial_model(cfg, run_dir / f"init-{key[:16]}"), attn_implementation=attention
     )
     model.train()
     optimizer = make_optimizer(model, cfg, p.lr)
@@ -200,9 +200,16 @@ def pretrain(
         grad_clip=cfg.optim.grad_clip,
     )
 
-    # --- loop
+    # --- loop (a resumed run drops the metric rows written after its checkpoint)
     warmup = int(p.warmup_ratio * p.steps)
-    metrics = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed below
+    metrics_path = run_dir / "metrics.jsonl"
+    kept = [
+        line
+        for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
+        if json.loads(line)["step"] <= trainer_state["step"]
+    ]
+    metrics_path.write_text("".join(f"{line}\n" for line in kept))
+    metrics = open(metrics_path, "a")  # noqa: SIM115 - closed below
     bar = tqdm(
         total=p.steps, initial=trainer_state["step"], desc="pretrain", disable=not cfg.progress
     )
@@ -236,7 +243,7 @@ def pretrain(
             last_save = time.time()
     bar.close()
     metrics.close()
-    train_s = time.time() - t_start
+    train_s = time.time() - t_start  # this process's set-up and steps
 
     # --- the base: weights, tokenizer and recipe in run_dir/final, written atomically
     model.eval()

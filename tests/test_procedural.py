@@ -213,11 +213,18 @@ def test_a_short_run_writes_checkpoints_and_its_loss_falls(tmp_path, capsys):
     assert recipe["recipe"]["pretrain"]["steps"] == 4
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 5))
-    # The same recipe in the same directory resumes from its last checkpoint: nothing to redo,
-    # the same result; another recipe there is refused.
+    # Killed after step 2: the same recipe in the same directory resumes from that checkpoint
+    # and ends with the same weights and one metric row per step.
+    weights = (run_dir / "final" / "model.safetensors").read_bytes()
+    shutil.rmtree(run_dir / "checkpoints" / "step_000004")
+    (run_dir / "checkpoints" / "latest").write_text("step_000002")
     assert main(["pretrain", f"run_dir={run_dir}", *TINY_RUN]) == 0
     again = json.loads(capsys.readouterr().out.strip())
     assert again["loss_last"] == summary["loss_last"]
+    assert (run_dir / "final" / "model.safetensors").read_bytes() == weights
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 5))
+    # Another recipe there is refused.
     assert main(["pretrain", f"run_dir={run_dir}", *TINY_RUN, "pretrain.lr=1e-3"]) == 2
     assert "another recipe" in capsys.readouterr().err
 
