@@ -104,9 +104,18 @@ def recipe(cfg: Config) -> dict[str, Any]:
         "vocab_size": cfg.model.vocab_size,
         "init_seed": cfg.model.init_seed,
         "world": {"name": cfg.env.name, "corpus_sha256": _world_corpus_digest(cfg)},
-        "pretrain": dataclasses.asdict(cfg.pretrain),
-        "optim": {k: getattr(cfg.optim, k) for k in ("weight_decay", "betas", "grad_clip")},
-        "max_tokens_per_microbatch": cfg.optim.max_tokens_per_microbatch,
+        # eval_tasks only scores the result
+        "pretrain": {
+            k: v for k, v in dataclasses.asdict(cfg.pretrain).items() if k != "eval_tasks"
+        },
+        "optim": {
+            k: getattr(cfg.optim, k)
+            for k in ("weight_decay", "betas", "grad_clip", "packing", "max_tokens_per_microbatch")
+        },
+        # which transcripts fit
+        "max_total_tokens": cfg.rollout.max_total_tokens,
+        "max_turn_tokens": cfg.rollout.max_turn_tokens,
+        "max_obs_tokens": cfg.rollout.max_obs_tokens,
         "format_version": [PRESET_FORMAT_VERSION, PRETRAIN_FORMAT_VERSION],
     }
 
@@ -221,8 +230,7 @@ def pretrain(
         stats = sft_step(model, optimizer, batch, lr, spec)
         trainer_state["step"] = step + 1
         trainer_state["losses"].append(stats["loss"])
-        metrics.write(json.dumps({"step": step + 1, "pretrain/loss": stats["loss"], "lr": lr}))
-        metrics.write("\n")
+        metrics.write(json.dumps({"step": step + 1, "phase": "pretrain", **stats}) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.3f}")
         due = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
