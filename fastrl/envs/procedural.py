@@ -169,9 +169,9 @@ class _Maker:
                 self._values.add(v)
                 return v
 
-    def tool(self, arg: str | None, arg_kind: str, n_fields: int, avoid: set[str]) -> dict:
-        """A new tool taking `arg` (None: the tool's own noun) and returning `n_fields` fields,
-        none named in `avoid` (which grows by them)."""
+    def tool(self, arg: str | None, arg_kind: str, n_fields: int) -> dict:
+        """A new tool taking `arg` (None: the tool's own noun) and returning `n_fields` fields
+        no other tool of the task returns."""
         rng = self.rng
         while True:
             noun = rng.choice(NOUNS)
@@ -180,8 +180,8 @@ class _Maker:
                 break
         self._names.add(name)
         arg = arg or noun
-        fields = rng.sample([f for f in FIELDS if f not in avoid and f != arg], n_fields)
-        avoid |= set(fields)
+        fields = rng.sample([f for f in FIELDS if f not in self.fields and f != arg], n_fields)
+        self.fields |= set(fields)
         kinds = {f: rng.choice(("name", "code", "integer")) for f in fields}
         text = " and ".join(fields)
         description = rng.choice(DESCRIPTIONS).format(
@@ -196,9 +196,9 @@ class _Maker:
         self.table[name] = {}
         return {"schema": schema, "noun": noun, "arg": arg, "fields": fields, "kinds": kinds}
 
-    def run(self, tool: dict, arg_value: Any, fixed: Mapping[str, Any] = {}) -> dict:
-        """Record the tool's result for `arg_value` (fields in `fixed` take the given values)."""
-        result = {f: fixed.get(f, self.value(tool["kinds"][f])) for f in tool["fields"]}
+    def run(self, tool: dict, arg_value: Any) -> dict:
+        """Draw and record the tool's result for `arg_value`."""
+        result = {f: self.value(tool["kinds"][f]) for f in tool["fields"]}
         self.table[tool["schema"]["name"]][_key(arg_value)] = result
         return result
 
@@ -218,7 +218,7 @@ def _chain(m: _Maker, n_calls: int) -> dict:
     value = entity
     for i in range(n_calls):
         last = i == n_calls - 1
-        tool = m.tool(arg, arg_kind, rng.randint(1, 2), m.fields)
+        tool = m.tool(arg, arg_kind, rng.randint(1, 2))
         first = first or tool
         result = m.run(tool, value)
         arguments = {tool["arg"]: value}
@@ -240,7 +240,7 @@ def _pair(m: _Maker) -> dict:
     rng = m.rng
     kind = rng.choice(("name", "code"))
     first, second = m.value(kind), m.value(kind)
-    tool = m.tool(None, kind, rng.randint(1, 2), m.fields)
+    tool = m.tool(None, kind, rng.randint(1, 2))
     arg = tool["arg"]
     field = rng.choice(tool["fields"])
     calls = []
@@ -265,7 +265,7 @@ def draw(stream: str, seed: int, index: int) -> dict:
         n_calls = rng.choices(list(_CALL_COUNT_WEIGHTS), list(_CALL_COUNT_WEIGHTS.values()))[0]
         turn = _pair(m) if n_calls == 2 and rng.random() < _PAIR_PROB else _chain(m, n_calls)
         for _ in range(rng.randint(0, 2)):  # distractors: offered, never needed
-            m.tool(None, rng.choice(("name", "code", "integer")), 1, m.fields)
+            m.tool(None, rng.choice(("name", "code", "integer")), 1)
         rng.shuffle(m.tools)
         fmt = rng.choice(sorted(FORMATS))
         instruction = rng.choice(INSTRUCTIONS)
