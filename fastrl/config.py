@@ -414,7 +414,7 @@ class PretrainConfig:
     # procedurally generated tools and tasks (fastrl/envs/procedural.py) in both call syntaxes.
     # The same keys are the recipe of `model.name: <preset>-base`, built and cached on first use.
     # Optimizer steps.
-    steps: int = 1500
+    steps: int = 1000
     # Transcripts per optimizer step.
     batch_size: int = 16
     # Peak learning rate.
