@@ -282,3 +282,11 @@ def test_shipped_bases_match_the_current_recipe():
     for path in shipped:
         cfg = load_config(None, [f"model.name={path.name}"])
         assert recipe_hash_of(path) == recipe_hash(recipe(cfg)), path.name
+
+
+def test_fastrl_eval_runs_the_procedural_world(tmp_path, capsys):
+    argv = ["eval", "--env", "procedural", "--split", "test_pythonic", "--policy", "oracle"]
+    argv += ["--limit", "5", "--out", str(tmp_path / "eval"), "model.vocab_size=400"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip())
+    assert (summary["env"], summary["success"], summary["n"]) == ("procedural", 1.0, 5)
