@@ -325,7 +325,9 @@ def materialize_base(cfg: Config) -> Path:
         return target
     build_dir = cache_dir / f".{target.name}.build"
     log.info("building %s (recipe %s) in %s", cfg.model.name, key[:16], build_dir)
-    summary = pretrain(cfg, build_dir, rec)
+    # Scoring is `fastrl pretrain`'s job; a training run that needs the base only waits for it.
+    quiet = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, eval_tasks=0))
+    summary = pretrain(quiet, build_dir, rec)
     log.info("built %s: %s", cfg.model.name, json.dumps(summary))
     try:
         os.replace(build_dir / "final", target)
