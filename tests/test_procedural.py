@@ -13,6 +13,7 @@ from fastrl.envs import get_world
 from fastrl.envs.base import ToolCall
 from fastrl.envs.formats import get_format
 from fastrl.envs.procedural import SPLITS, ProceduralWorld, draw
+from fastrl.envs.synthetic import dumps
 from fastrl.envs.synthetic import tools as world_tools
 from fastrl.envs.synthetic.tasks import OOD_TEMPLATES, TEMPLATES
 
@@ -64,18 +65,24 @@ def test_held_out_tasks_are_the_same_in_both_syntaxes_and_not_in_train(procedura
 @pytest.mark.parametrize("split", SPLITS)
 def test_expert_calls_parse_back_and_solve_the_task(procedural, split):
     env = procedural.make_env()
-    for task in procedural.tasks(split, 60):
+    tasks = procedural.tasks(split, 60)
+    assert {len(t.meta["turns"]) for t in tasks} == {1, 2, 3}
+    assert max(sum(map(len, t.expert)) for t in tasks) <= 7  # within rollout.max_turns
+    for task in tasks:
         form = get_format(task.fmt)
-        turn = task.meta["turns"][0]
-        *calls, answer = task.expert[0]
-        for text, call in zip(calls, turn["calls"], strict=True):
-            assert form.parse(text).calls == [ToolCall(call["name"], call["arguments"])]
-        assert form.parse(answer).calls == []
-        reward, observations = play(env, task, task.expert[0])
+        for turn, messages in zip(task.meta["turns"], task.expert, strict=True):
+            *calls, answer = messages
+            for text, call in zip(calls, turn["calls"], strict=True):
+                assert form.parse(text).calls == [ToolCall(call["name"], call["arguments"])]
+            assert form.parse(answer).calls == []
+        reward, observations = play(env, task, [m for turn in task.expert for m in turn])
         assert reward == 1.0
-        assert [json.loads(o["content"]) for o in observations] == [
-            c["result"] for c in turn["calls"]
-        ]
+        # Each call's result, and after each answer but the last the next user question.
+        wanted = []
+        for i, turn in enumerate(task.meta["turns"]):
+            wanted += [turn["question"]] if i else []
+            wanted += [dumps(c["result"]) for c in turn["calls"]]
+        assert [o["content"] for o in observations] == wanted
 
 
 def test_dependent_calls_take_the_earlier_result(procedural):
@@ -98,7 +105,7 @@ def test_dependent_calls_take_the_earlier_result(procedural):
         wrong = form.render_calls([ToolCall(calls[1]["name"], {arg: first_value})])
         messages = [task.expert[0][0], wrong, task.expert[0][-1]]
         reward, observations = play(env, task, messages)
-        assert "error" in json.loads(observations[-1]["content"])
+        assert "error" in json.loads(observations[1]["content"])
     assert chains >= 50
 
 
@@ -140,7 +147,7 @@ def test_pretraining_data_is_disjoint_from_the_tool_world(procedural):
     keys = set()
     for task in procedural.tasks("train", 1500):
         keys |= {a for s in task.tools for a in s["parameters"]}
-        keys |= {f for c in task.meta["turns"][0]["calls"] for f in c["result"]}
+        keys |= {f for t in task.meta["turns"] for c in t["calls"] for f in c["result"]}
     assert not keys & world_args
     pools = (
         world_tools.PEOPLE,

@@ -2,13 +2,14 @@
 
 Every task invents its own small tool set: tool names (`scan_orchard`), argument and result field
 names, types and one-line descriptions are drawn from word lists, entity names are pronounceable
-pseudo-words (`Kavori`) and codes (`Q47`), and every result value is random. A task asks one
-question whose answer needs 1-3 calls, either a chain (each call takes a value the previous call
-returned, sometimes under another argument name, so the schema must be read) or two independent
-lookups, and the answer repeats values taken from the results. The system prompt lists the
-offered tools (the needed ones plus up to two distractors) and names the call syntax, hermes JSON
-or the pythonic list, and a task is rendered in either: what generalises is "read the schema, call
-in the asked syntax, use the result", not any tool.
+pseudo-words (`Kavori`) and codes (`Q47`), and every result value is random. A task has 1-3
+user turns, each a question whose answer needs 1-3 calls on tools of its own, either a chain (each
+call takes a value the previous call returned, sometimes under another argument name, so the
+schema must be read) or one tool for two entities, and each answer repeats values taken from the
+results (at most 7 assistant messages in all, within the default `rollout.max_turns`). The
+system prompt lists the offered tools (the needed ones plus up to two distractors) and names the
+call syntax, hermes JSON or the pythonic list, and a task is rendered in either: what generalises
+is "read the schema, call in the asked syntax, use the result", not any tool.
 
 Nothing here is drawn from the synthetic tool world: its tool and argument names, entity pools
 and question templates are excluded from every word list at import, and
@@ -36,7 +37,10 @@ from fastrl.envs.synthetic.tools import answer_ok, dumps
 
 SPLITS = ("train", "test", "test_hermes", "test_pythonic")
 _HELD_OUT_EVERY = 5
-_CALL_COUNT_WEIGHTS = {1: 35, 2: 40, 3: 25}
+_CALL_COUNT_WEIGHTS = {1: 35, 2: 40, 3: 25}  # per user turn
+_TURN_COUNT_WEIGHTS = {1: 6, 2: 3, 3: 1}
+# Assistant messages (calls and answers) of a task at most: within rollout.max_turns (8).
+_MAX_MESSAGES = 7
 _PAIR_PROB = 0.25  # of the 2-call tasks, the share of two independent lookups
 _RENAME_PROB = 0.3  # a chained argument named differently from the result field that feeds it
 _SYNTAX_NAMES = {"hermes": "hermes JSON", "pythonic": "pythonic list"}
@@ -255,23 +259,33 @@ def _pair(m: _Maker) -> dict:
     return {"question": question, "calls": calls, "answer": answer, "expected": [str(v1), str(v2)]}
 
 
+def _weighted(rng: random.Random, weights: dict[int, int]) -> int:
+    return rng.choices(list(weights), list(weights.values()))[0]
+
+
 def draw(stream: str, seed: int, index: int) -> dict:
-    """Content of task `index` of `stream` (train | held_out) for `seed`: tools, lookup table,
-    question, expert calls with their results, answer, expected values, and a syntax for train.
+    """Content of task `index` of `stream` (train | held_out) for `seed`: tools, lookup table, and
+    1-3 user turns (question, expert calls with their results, answer, expected values), each on
+    tools of its own; an instruction and a syntax.
     Deterministic in its arguments; a content hash decides train vs held out."""
     rng = random.Random(f"procedural/{stream}/{seed}/{index}")
     while True:
         m = _Maker(rng)
-        n_calls = rng.choices(list(_CALL_COUNT_WEIGHTS), list(_CALL_COUNT_WEIGHTS.values()))[0]
-        turn = _pair(m) if n_calls == 2 and rng.random() < _PAIR_PROB else _chain(m, n_calls)
+        turns = []
+        for _ in range(_weighted(rng, _TURN_COUNT_WEIGHTS)):
+            n_calls = _weighted(rng, _CALL_COUNT_WEIGHTS)
+            pair = n_calls == 2 and rng.random() < _PAIR_PROB
+            turns.append(_pair(m) if pair else _chain(m, n_calls))
+        if sum(len(t["calls"]) + 1 for t in turns) > _MAX_MESSAGES:
+            continue
         for _ in range(rng.randint(0, 2)):  # distractors: offered, never needed
             m.tool(None, rng.choice(("name", "code", "integer")), 1)
         rng.shuffle(m.tools)
         fmt = rng.choice(sorted(FORMATS))
         instruction = rng.choice(INSTRUCTIONS)
-        content = {"turn": turn, "tools": m.tools, "table": m.table, "fmt": fmt}
+        content = {"turns": turns, "tools": m.tools, "table": m.table, "fmt": fmt}
         content["instruction"] = instruction
-        digest = hashlib.sha256(json.dumps(turn, sort_keys=True).encode()).digest()
+        digest = hashlib.sha256(json.dumps(turns, sort_keys=True).encode()).digest()
         held_out = int.from_bytes(digest[:8], "big") % _HELD_OUT_EVERY == 0
         if held_out == (stream == "held_out"):
             return content
@@ -289,7 +303,8 @@ def system_prompt(instruction: str, fmt: str, tools: list[dict]) -> str:
 
 class ProceduralEnv:
     """Runs one procedural task: calls are checked against the offered schemas and answered from
-    the task's lookup table; the first plain-text message is the answer (implements Env)."""
+    the task's lookup table; a plain-text message answers the current user turn and brings the
+    next question (implements Env)."""
 
     def __init__(self) -> None:
         self._task: Task | None = None
@@ -298,7 +313,8 @@ class ProceduralEnv:
         self._task = task
         self._tools = {t["name"]: t for t in task.tools}
         self._table = task.meta["table"]
-        self._answer: str | None = None
+        self._turns = task.meta["turns"]
+        self._answers: list[str] = []
         self._n_calls = 0
         self._n_errors = 0
         return [dict(m) for m in task.messages]
@@ -332,20 +348,27 @@ class ProceduralEnv:
                 self._n_errors += "error" in result
                 observations.append({"role": "tool", "content": dumps(result)})
             return observations, False
-        self._answer = assistant_text
+        self._answers.append(assistant_text)
+        if len(self._answers) < len(self._turns):
+            return [{"role": "user", "content": self._turns[len(self._answers)]["question"]}], False
         return [], True
 
     def score(self) -> tuple[float, dict]:
-        """1.0 iff the answer holds every expected value (which only the results give)."""
+        """1.0 iff every answer holds its turn's expected values (which only the results give)."""
         if self._task is None:
             raise RuntimeError("call reset(task) before score()")
-        expected = self._task.meta["expected"]
-        success = self._answer is not None and answer_ok(self._answer, expected)
+        correct = [
+            i < len(self._answers) and answer_ok(self._answers[i], t["expected"])
+            for i, t in enumerate(self._turns)
+        ]
+        success = all(correct)
         info = {
             "success": success,
-            "first_failing_turn": None if success else 0,
+            "first_failing_turn": None if success else correct.index(False),
             "n_calls": self._n_calls,
             "n_errors": self._n_errors,
+            "n_turns": len(self._turns),
+            "answers_correct": correct,
         }
         return float(success), info
 
@@ -373,8 +396,12 @@ class ProceduralWorld:
     def _task(self, split: str, stream: str, seed: int, index: int) -> Task:
         content = draw(stream, seed, index)
         fmt = content["fmt"] if split in ("train", "test") else split.removeprefix("test_")
-        turn, form = content["turn"], get_format(fmt)
-        expert = [form.render_calls([ToolCall(c["name"], c["arguments"])]) for c in turn["calls"]]
+        turns, form = content["turns"], get_format(fmt)
+        expert = [
+            [form.render_calls([ToolCall(c["name"], c["arguments"])]) for c in t["calls"]]
+            + [t["answer"]]
+            for t in turns
+        ]
         return Task(
             id=f"procedural/{split}/s{seed}/{index:05d}",
             split=split,
@@ -383,12 +410,12 @@ class ProceduralWorld:
                     "role": "system",
                     "content": system_prompt(content["instruction"], fmt, content["tools"]),
                 },
-                {"role": "user", "content": turn["question"]},
+                {"role": "user", "content": turns[0]["question"]},
             ],
             tools=content["tools"],
             fmt=fmt,
-            expert=[[*expert, turn["answer"]]],
-            meta={"table": content["table"], "expected": turn["expected"], "turns": [turn]},
+            expert=expert,
+            meta={"table": content["table"], "turns": turns},
         )
 
     def make_env(self) -> ProceduralEnv:
@@ -400,16 +427,18 @@ class ProceduralWorld:
         corpus = []
         for index in range(n_tasks):
             content = draw("train", seed, index)
-            turn = content["turn"]
-            corpus.append(turn["question"])
             for fmt in sorted(FORMATS):
                 corpus.append(system_prompt(content["instruction"], fmt, content["tools"]))
-                form = get_format(fmt)
-                corpus.extend(
-                    form.render_calls([ToolCall(c["name"], c["arguments"])]) for c in turn["calls"]
-                )
-            corpus.extend(dumps(c["result"]) for c in turn["calls"])
-            corpus.append(turn["answer"])
+            for turn in content["turns"]:
+                corpus.append(turn["question"])
+                for fmt in sorted(FORMATS):
+                    form = get_format(fmt)
+                    corpus.extend(
+                        form.render_calls([ToolCall(c["name"], c["arguments"])])
+                        for c in turn["calls"]
+                    )
+                corpus.extend(dumps(c["result"]) for c in turn["calls"])
+                corpus.append(turn["answer"])
         return corpus
 
 
