@@ -73,7 +73,9 @@ def _load_yaml(text: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    # A built-in preset (tiny | small | base) or a local Hugging Face causal-LM directory.
+    # A built-in preset (tiny | small | base), a preset's tool-use pretrained base (tiny-base |
+    # small-base | base-base: built by `fastrl pretrain` with the `pretrain.*` keys on first use
+    # and cached in `cache_dir`) or a local Hugging Face causal-LM directory.
     name: str = "tiny"
     # Parameter dtype for training: float32 | bfloat16.
     dtype: Literal["float32", "bfloat16"] = "float32"
