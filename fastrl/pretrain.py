@@ -53,8 +53,7 @@ from fastrl.models import (
     init_model,
     load_model,
 )
-from fastrl.rollout.engines import HFEngine
-from fastrl.train.build import attention_of, limits_of
+from fastrl.train.build import attention_of, build_engine, limits_of
 from fastrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastrl.train.optim import lr_factor, make_optimizer
 from fastrl.train.packing import ATTN_IMPLEMENTATION
@@ -265,10 +264,11 @@ def pretrain(
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
 
-    # --- the base's own scores: greedy success on held-out procedural tasks, per syntax
+    # --- the base's own scores: greedy success on held-out procedural tasks, per syntax (on the
+    # engine `rollout.engine` names, as in training)
     scores = {}
     if p.eval_tasks:
-        engine = HFEngine(model, tokenizer.pad_token_id, max_batch=cfg.rollout.batch_size)
+        engine, _ = build_engine(cfg, model, str(final), tokenizer.pad_token_id)
         for split in EVAL_SPLITS:
             summary, _ = evaluate_policy(
                 engine, tokenizer, world, world.tasks(split, p.eval_tasks, p.seed), limits
