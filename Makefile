@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # Where `make cuda-check` writes its report; `make test` keeps it out of the tree.
 CUDA_CHECK_OUT ?= bench/results/sm90_compile.json
 
-.PHONY: setup demo test cuda-check lint clean
+.PHONY: setup demo test cuda-check base lint clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,13 @@ test: setup
 # with registers, spills, shared memory and H100 occupancy per kernel (about 2 minutes, no GPU).
 cuda-check: setup
 	$(PY) bench/cuda_check.py --out $(CUDA_CHECK_OUT)
+
+# Rebuild the shipped tiny-base (fastrl/bases/tiny-base: weights, tokenizer, recipe.json) from the
+# default recipe; a killed build continues from its last checkpoint when run again.
+base: setup
+	$(PY) -m fastrl pretrain run_dir=runs/tiny-base
+	rm -rf fastrl/bases/tiny-base && mkdir -p fastrl/bases
+	cp -r runs/tiny-base/final fastrl/bases/tiny-base
 
 lint: setup
 	$(VENV)/bin/ruff check fastrl tests bench triton_kernels setup.py

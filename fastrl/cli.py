@@ -1,5 +1,5 @@
-"""Command line: `fastrl train | eval | demo | report | bench` (also `python -m fastrl ...`,
-torchrun).
+"""Command line: `fastrl train | eval | demo | pretrain | report | bench` (also
+`python -m fastrl ...`, torchrun).
 
 Options and dotted overrides (`key=value`) may come in any order. Commands that print a JSON
 summary print only that line on stdout; logs, vLLM's included, go to stderr (and a training run's
@@ -19,7 +19,7 @@ from pathlib import Path
 # The microbenchmarks live in the source checkout's bench/, next to the package.
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 # Verbs whose leftover `key=value` arguments are dotted config overrides.
-OVERRIDE_VERBS = ("train", "eval", "demo")
+OVERRIDE_VERBS = ("train", "eval", "demo", "pretrain")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -124,6 +124,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
 
+    pt = sub.add_parser(
+        "pretrain",
+        help="tool-use pretraining of a preset on procedural tools and tasks (the <preset>-base "
+        "models); prints a JSON summary with the base's held-out success per call syntax",
+        formatter_class=_HelpFormatter,
+    )
+    pt.add_argument("--config", help="YAML config (its pretrain, model and env keys)")
+    pt.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted config overrides, e.g. pretrain.steps=300 model.name=small "
+        "run_dir=runs/pretrain (the default run_dir; a run of the same recipe there resumes)",
+    )
+
     r = sub.add_parser(
         "report",
         help="plots and an HTML page from a run directory's metrics",
@@ -210,6 +225,16 @@ def free_run_dir(base: str = "runs/demo") -> str:
     return str(path)
 
 
+def run_pretrain(config: str | None, overrides: list[str]) -> dict:
+    """`fastrl pretrain`: the stage of `fastrl.pretrain` on the resolved config."""
+    from fastrl import load_config
+    from fastrl.pretrain import pretrain
+
+    if not any(o.startswith("run_dir=") for o in overrides):
+        overrides = ["run_dir=runs/pretrain", *overrides]
+    return pretrain(load_config(config, overrides))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -246,6 +271,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                 raise ConfigError("--resume and --resume-if-any: pass one of them")
             resume = "auto" if args.resume_if_any else args.resume
             summary = train(args.config, args.overrides, resume=resume, overwrite=args.overwrite)
+        elif args.verb == "pretrain":
+            summary = run_pretrain(args.config, args.overrides)
         elif args.verb == "demo":
             overrides = args.overrides
             if not any(o.startswith("run_dir=") for o in overrides):

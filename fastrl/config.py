@@ -73,7 +73,9 @@ def _load_yaml(text: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    # A built-in preset (tiny | small | base) or a local Hugging Face causal-LM directory.
+    # A built-in preset (tiny | small | base), a preset's tool-use pretrained base (tiny-base |
+    # small-base | base-base: built by `fastrl pretrain` with the `pretrain.*` keys on first use
+    # and cached in `cache_dir`) or a local Hugging Face causal-LM directory.
     name: str = "tiny"
     # Parameter dtype for training: float32 | bfloat16.
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -409,6 +411,30 @@ class DistributedConfig:
 
 
 @dataclass
+class PretrainConfig:
+    # The tool-use pretraining stage (`fastrl pretrain`, fastrl/pretrain.py): SFT of a preset on
+    # procedurally generated tools and tasks (fastrl/envs/procedural.py) in both call syntaxes.
+    # The same keys are the recipe of `model.name: <preset>-base`, built and cached on first use.
+    # Optimizer steps.
+    steps: int = 1000
+    # Transcripts per optimizer step.
+    batch_size: int = 16
+    # Peak learning rate.
+    lr: float = 1e-3
+    # Fraction of the steps spent in linear warm-up.
+    warmup_ratio: float = 0.05
+    # Learning-rate schedule after warm-up: constant | cosine | linear.
+    schedule: Schedule = "cosine"
+    # Procedural training tasks (the pool batches are drawn from); each is also fitted into the
+    # tokenizer, together with the tool world's corpus.
+    tasks: int = 6000
+    # Seed of the procedural tasks and of the batch order.
+    seed: int = 0
+    # Held-out procedural tasks per syntax scored greedily after training (0: none).
+    eval_tasks: int = 100
+
+
+@dataclass
 class Config:
     # Run directory: metrics.jsonl, config.yaml, checkpoints/, events, summary.json.
     run_dir: str = "runs/demo"
@@ -439,6 +465,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def __post_init__(self) -> None:
         # Dotted keys given explicitly (YAML file, overrides); the environment's own defaults
@@ -527,6 +554,12 @@ class Config:
             ("checkpoint_minutes", self.checkpoint_minutes >= 0, ">= 0"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
             ("threads", self.threads >= 0, ">= 0"),
+            ("pretrain.steps", self.pretrain.steps >= 1, ">= 1"),
+            ("pretrain.batch_size", self.pretrain.batch_size >= 1, ">= 1"),
+            ("pretrain.lr", self.pretrain.lr > 0, "> 0"),
+            ("pretrain.warmup_ratio", 0 <= self.pretrain.warmup_ratio < 1, "in [0, 1)"),
+            ("pretrain.tasks", self.pretrain.tasks >= 1, ">= 1"),
+            ("pretrain.eval_tasks", self.pretrain.eval_tasks >= 0, ">= 0"),
         ]
         sup, sched, guard = self.supervision, self.schedule, self.guard
         G = self.rl.group_size

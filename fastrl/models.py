@@ -39,6 +39,7 @@ from transformers import (
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BASES",
     "CHAT_TEMPLATE",
     "OPEN_JSON",
     "PRESETS",
@@ -49,6 +50,7 @@ __all__ = [
     "build_tokenizer",
     "control_token_ids",
     "count_parameters",
+    "init_model",
     "load_model",
     "materialize_preset",
 ]
@@ -147,6 +149,9 @@ PRESETS: dict[str, ModelPreset] = {
     "small": ModelPreset(hidden=384, heads=6, kv_heads=2, layers=4, intermediate=1024),
     "base": ModelPreset(hidden=512, heads=8, kv_heads=4, layers=6, intermediate=1536),
 }
+# Tool-use pretrained bases: `<preset>-base` is the preset after `fastrl pretrain`
+# (fastrl/pretrain.py builds and caches it on first use).
+BASES: dict[str, str] = {f"{name}-base": name for name in PRESETS}
 
 
 # --- tokenizer ----------------------------------------------------------------------------------
@@ -316,6 +321,25 @@ def init_copy_head(model: Qwen2ForCausalLM, gain: float = COPY_HEAD_GAIN, seed: 
     attn.o_proj.weight[:, head * d : (head + 1) * d] = (gain * rows.T).to(attn.o_proj.weight.dtype)
 
 
+def init_model(
+    preset: ModelPreset, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> Qwen2ForCausalLM:
+    """The random-init model of `preset` for `tokenizer`, with its previous-token and copy heads;
+    the global RNG is left as it was."""
+    config = _qwen2_config(preset, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    init_previous_token_head(model)
+    init_copy_head(model)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+    return model
+
+
 def materialize_preset(
     name: str,
     corpus: Callable[[], Iterable[str]],
@@ -355,17 +379,7 @@ def materialize_preset(
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
     try:
         tokenizer = build_tokenizer(corpus(), vocab_size=vocab_size)
-        config = _qwen2_config(preset, tokenizer)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = Qwen2ForCausalLM(config)
-        init_previous_token_head(model)
-        init_copy_head(model)
-        model.generation_config = GenerationConfig(
-            bos_token_id=config.bos_token_id,
-            eos_token_id=config.eos_token_id,
-            pad_token_id=config.pad_token_id,
-        )
+        model = init_model(preset, tokenizer, seed)
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         marker = {"preset": name, **asdict(preset), "vocab_size": vocab_size, "seed": seed}

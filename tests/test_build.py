@@ -17,7 +17,10 @@ from fastrl.train.build import check_registries
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("env.name=nope", "env.name: got 'nope', expected one of ['bfcl', 'custom', 'synthetic']"),
+        (
+            "env.name=nope",
+            "env.name: got 'nope', expected one of ['bfcl', 'custom', 'procedural', 'synthetic']",
+        ),
         ("rl.advantage=ppo", "rl.advantage: got 'ppo', expected one of ['drgrpo', 'grpo', 'rloo']"),
         ("rl.loss=nope", "rl.loss: got 'nope', expected one of ['cispo', 'gspo', 'ppo']"),
         ("eval.splits=[long_context]", "eval.splits: got ['long_context'], expected a list from"),

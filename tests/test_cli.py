@@ -14,7 +14,7 @@ from fastrl.cli import BENCH_DIR, main, parse_args
 from fastrl.config import cache_home, load_config
 from fastrl.monitor.log import RunLogHandler, open_run_log, setup_logging
 
-VERBS = ("train", "eval", "demo", "report", "bench")
+VERBS = ("train", "eval", "demo", "pretrain", "report", "bench")
 
 
 def test_options_and_overrides_in_any_order():

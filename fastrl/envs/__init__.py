@@ -9,12 +9,14 @@ from fastrl.envs.base import Env, Format, Parsed, Task, ToolCall, World
 from fastrl.envs.bfcl import BFCLWorld
 from fastrl.envs.custom import CustomWorld, world_of
 from fastrl.envs.formats import get_format
+from fastrl.envs.procedural import ProceduralWorld
 from fastrl.envs.synthetic import SyntheticWorld
 
 ENVS: dict[str, type[World]] = {
     "synthetic": SyntheticWorld,
     "bfcl": BFCLWorld,
     "custom": CustomWorld,
+    "procedural": ProceduralWorld,
 }
 
 

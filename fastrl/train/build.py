@@ -27,7 +27,7 @@ from fastrl.envs import ENVS, get_world, splits_of
 from fastrl.envs.base import Task, set_tool_timeout
 from fastrl.envs.custom import CustomWorldError
 from fastrl.envs.teacher import Habits
-from fastrl.models import PRESETS, apply_liger, load_model
+from fastrl.models import BASES, PRESETS, apply_liger, load_model
 from fastrl.monitor.log import MetricLogger, NullLogger
 from fastrl.rollout.engines import HFEngine
 from fastrl.rollout.engines.vllm import VLLMEngine, vllm_available
@@ -87,12 +87,12 @@ def check_paths(cfg: Config) -> None:
         return None
 
     name = cfg.model.name
-    if name not in PRESETS:
+    if name not in PRESETS and name not in BASES:
         problem = model_dir_problem(name)
         if problem:
             raise ConfigError(
-                f"model.name: {name!r} is neither a preset ({', '.join(PRESETS)}) nor a model "
-                f"directory (it {problem})"
+                f"model.name: {name!r} is neither a preset ({', '.join([*PRESETS, *BASES])}) nor "
+                f"a model directory (it {problem})"
             )
     else:
         problem = dir_problem(cfg.model.cache_dir)
@@ -130,14 +130,20 @@ def describe_forward(cfg: Config, model: torch.nn.Module) -> str:
 
 
 def build_policy(cfg: Config):
-    """Model, tokenizer and model directory for `cfg.model` (presets get a tool-world tokenizer)."""
+    """Model, tokenizer and model directory for `cfg.model` (presets get a tool-world tokenizer;
+    a `<preset>-base` is pretrained on first use, `fastrl.pretrain.materialize_base`)."""
     world = get_world(cfg.env.name, cfg.env)
     attention = attention_of(cfg)
     if attention == ATTN_IMPLEMENTATION:
         register_packed_attention()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    name: str | Path = cfg.model.name
+    if name in BASES:
+        from fastrl.pretrain import materialize_base  # the stage itself builds on this module
+
+        name = materialize_base(cfg)
     return load_model(
-        cfg.model.name,
+        name,
         dtype=dtype,
         corpus=lambda: world.tokenizer_corpus(seed=cfg.env.seed),
         cache_dir=cfg.model.cache_dir,
