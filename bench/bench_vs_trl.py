@@ -53,6 +53,7 @@ import functools
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -80,9 +81,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--max-turns", type=int, default=8, help="assistant turns per episode")
     p.add_argument("--max-completion", type=int, default=768, help="TRL max_completion_length")
+    p.add_argument(
+        "--kv-fraction", type=float, default=0.1, help="share of host memory vLLM reserves (both)"
+    )
     p.add_argument("--tasks", type=int, default=512, help="train tasks in the pool")
     p.add_argument("--eval-tasks", type=int, default=50, help="held-out tasks for success")
     p.add_argument("--sft-steps", type=int, default=300, help="warm-up SFT steps (cached; 0: none)")
+    p.add_argument(
+        "--init", default=None, help="start both trainers from this HF model directory instead"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=None, help="warm-start cache (default: fastrl's cache)")
     p.add_argument("--out", default="runs/bench_vs_trl", help="run folders, RESULTS.md, JSON")
@@ -132,13 +139,16 @@ def fastrl_config(args, run_dir: Path, model: str, sft_steps: int, rl_steps: int
             "group_size": args.group,
             "lr": args.lr,
         },
-        "rollout": {"max_turns": args.max_turns},
+        "rollout": {"max_turns": args.max_turns, "gpu_memory_utilization": args.kv_fraction},
         "eval": {"splits": ["test"]},
     }
 
 
 def warm_start(args) -> Path:
-    """The model both trainers start from: `tiny` after `--sft-steps` of SFT, cached."""
+    """The model both trainers start from: `--init`, or `tiny` after `--sft-steps` of SFT
+    (cached)."""
+    if args.init:
+        return Path(args.init).resolve()
     import fastrl
     from fastrl.config import cache_home
 
@@ -196,9 +206,12 @@ class Timers:
 
 
 def peak_rss_mib() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024  # KiB on Linux
+    """Peak resident set of this process (VmHWM: unlike ru_maxrss, it does not carry over the
+    parent's peak through fork and exec) or of its largest child."""
+    status = Path("/proc/self/status").read_text()
+    own = int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1))
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+    return max(own, children) / 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,6 +223,7 @@ def run_fastrl(args, model: Path, run_dir: Path) -> dict:
     import torch
 
     import fastrl
+    import fastrl.train.trainer as trainer_module
     from fastrl.envs.synthetic import SyntheticEnv
     from fastrl.monitor.log import MetricLogger
     from fastrl.rollout.engines.hf import HFEngine
@@ -217,9 +231,21 @@ def run_fastrl(args, model: Path, run_dir: Path) -> dict:
 
     register_world()
     timers, steps = Timers(), []
+    # Generation and tools are counted inside an RL step's rollout only (not in evaluations).
+    in_rollout = [False]
+
+    def rollout(*a, **kw):
+        in_rollout[0] = True
+        try:
+            return sample_groups(*a, **kw)
+        finally:
+            in_rollout[0] = False
+
+    sample_groups = trainer_module.sample_groups
+    trainer_module.sample_groups = rollout
     for engine in (VLLMEngine, HFEngine):
-        timers.wrap(engine, "generate", "generation", count=_fastrl_generated)
-    timers.wrap(SyntheticEnv, "step", "tools")
+        timers.wrap(engine, "generate", "generation", _fastrl_generated, when=lambda: in_rollout[0])
+    timers.wrap(SyntheticEnv, "step", "tools", when=lambda: in_rollout[0])
     timers.wrap(torch.Tensor, "backward", "backward")
     log = MetricLogger.log
 
@@ -406,6 +432,7 @@ def run_trl(args, model: Path, run_dir: Path, use_vllm: bool) -> dict:
         vllm_mode="colocate",
         vllm_importance_sampling_correction=False,
         vllm_max_model_length=2048,
+        vllm_gpu_memory_utilization=args.kv_fraction,
     )
     timers, steps = Timers(), []
     timers.wrap(
@@ -583,6 +610,7 @@ def summarize(result: dict, warmup: int) -> dict:
         "peak_rss_mib": result["peak_rss_mib"],
         "engine_gap": result.get("engine_gap"),
         "steps_measured": len(steps),
+        "sampled_success": statistics.fmean(s["success"] for s in result["steps"]),
     }
     for phase in PHASES[:-1]:
         row[f"{phase}_s"] = med(s[phase] for s in steps)
@@ -616,8 +644,9 @@ def table(rows: dict, success: dict) -> str:
         ("train s", "train_s", "{:.2f}"),
         ("sync s", "sync_s", "{:.3f}"),
         ("other s", "other_s", "{:.2f}"),
+        ("sampled success", "sampled_success", "{:.2f}"),
     ]
-    head = "| trainer | " + " | ".join(c[0] for c in cols) + " | success |"
+    head = "| trainer | " + " | ".join(c[0] for c in cols) + " | greedy success after |"
     lines = [head, "|---|" + "---:|" * (len(cols) + 1)]
     for name, row in rows.items():
         if "error" in row:
@@ -627,15 +656,21 @@ def table(rows: dict, success: dict) -> str:
         ok = success.get(name)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if ok is None else ok} |")
     base = rows.get("fastrl")
-    for name, row in rows.items():
-        if name == "fastrl" or "error" in row or not base or "error" in base:
-            continue
-        lines.append(
-            f"| fastrl / {name} | {base['step_s'] / row['step_s']:.2f}x time | "
-            f"{base['generated_tok_s'] / row['generated_tok_s']:.2f}x | "
-            f"{base['trained_tok_s'] / row['trained_tok_s']:.2f}x | "
-            f"{base['peak_rss_mib'] / row['peak_rss_mib']:.2f}x | | | | | | | |"
-        )
+    others = [n for n, r in rows.items() if n != "fastrl" and "error" not in r]
+    if base and "error" not in base and others:
+        lines += [
+            "",
+            "| fastrl vs | speed-up (step time) | generated tok/s | trained tok/s | peak RSS |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name in others:
+            row = rows[name]
+            lines.append(
+                f"| {name} | {row['step_s'] / base['step_s']:.2f}x | "
+                f"{base['generated_tok_s'] / row['generated_tok_s']:.2f}x | "
+                f"{base['trained_tok_s'] / row['trained_tok_s']:.2f}x | "
+                f"{base['peak_rss_mib'] / row['peak_rss_mib']:.2f}x |"
+            )
     return "\n".join(lines)
 
 
@@ -664,15 +699,15 @@ def main(argv=None) -> None:
         rows[name]["process_s"] = time.time() - t0
         finals[name] = raw[name]["final_model"]
     success = {}
-    if finals:
+    for name, final in finals.items():  # one process per model: vLLM sizes its cache per process
         proc = subprocess.run(
             [*me, "--worker", "eval", "--model", str(model)],
-            input="\n".join(json.dumps([n, f]) for n, f in finals.items()),
+            input=json.dumps([name, final]),
             stdout=subprocess.PIPE,
             text=True,
         )
         if proc.returncode == 0 and proc.stdout.strip():
-            success = json.loads(proc.stdout.strip().splitlines()[-1])
+            success.update(json.loads(proc.stdout.strip().splitlines()[-1]))
     result = {
         "bench": "vs_trl",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
