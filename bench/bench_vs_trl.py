@@ -29,10 +29,15 @@ Trainers (`--trainers`):
 What differs (beyond the implementations): TRL has no per-turn token limit (fastrl: 96 tokens a
 turn), only `max_completion_length` over the whole completion, tool results included; a
 malformed tool call is an error observation in fastrl and the final answer in TRL (it parses as
-text); fastrl skips zero-advantage rows in the forward pass; TRL's vLLM importance-sampling
-correction is turned off, as fastrl's (`rl.tis_cap`) is by default (with it TRL would run one
-more forward pass per step); TRL's gradient checkpointing is off (its default is on; fastrl's is
-off), which favours TRL's speed.
+text); fastrl skips zero-advantage rows in the forward pass (and, when every group agrees, runs a
+forward without gradient for its token metrics instead of an update), TRL trains on every row;
+fastrl runs its per-step decision probe and monitors; TRL's lr warm-up starts at 0 (fastrl's at
+lr/2); TRL's vLLM importance-sampling correction is turned off, as fastrl's (`rl.tis_cap`) is by
+default (with it TRL would run one more forward pass per step); TRL's gradient checkpointing is
+off (its default is on; fastrl's is off), which favours TRL's speed. TRL needs a chat template
+that renders structured tool calls, which the presets' template does not (fastrl keeps calls as
+text): `TOOL_CALL_TEMPLATE` adds that; prompts and the tokens that frame a tool result are the
+same ids in both trainers.
 
 Measured per trainer, each in its own process: wall time per RL step (median over the steps after
 `--warmup`), generated tokens/s (tokens sampled by the policy, tool output excluded) and trained
