@@ -2,14 +2,17 @@
 machine, in one run.
 
     python bench/bench_vs_trl.py                          # defaults: a few minutes on 2 CPU cores
-    python bench/bench_vs_trl.py --steps 12 --prompts 8 --group 8 --out bench/results/vs_trl
+    python bench/bench_vs_trl.py --init runs/demo/final --prompts 4 --group 8 --steps 6
+                                                          # the recorded run (after `make demo`)
     python bench/bench_vs_trl.py --trainers fastrl,trl-hf --steps 3   # a subset, quicker
 
 The job, shared by both trainers:
     model     the `tiny` preset after a short fastrl SFT warm-up on the world's expert solutions
               (`--sft-steps`, built once and cached under `--cache`; random-init weights solve
               nothing, so every group would agree and carry no gradient), saved as a Hugging Face
-              directory with its tokenizer and chat template; both trainers start from it
+              directory with its tokenizer and chat template, or `--init DIR`; both trainers start
+              from it. 300 SFT steps solve only about 4% of the tasks greedily, so most groups
+              still agree: `--init runs/demo/final` (the demo's model) gives groups that differ
     tasks     the synthetic tool world's train tasks that ask one question (TRL's tool loop ends
               at the first reply without a tool call, so it cannot ask a second question; the
               world is registered for fastrl as `synthetic_1q`), in the order fastrl's task
