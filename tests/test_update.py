@@ -52,6 +52,7 @@ def test_policy_update_with_kl_and_several_updates(tiny_policy, world):
     ):
         assert key in stats and stats[key] == stats[key], key
     assert stats["kl"] > 0  # the second update moved away from the reference
+    assert stats["train/tokens"] == sum(t.num_tokens for t in trajs)  # both mini-batches
     assert 0 < stats["ctrl/mean_p_im_end"] < 1
     assert stats["grad_norm"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -120,7 +121,9 @@ def test_negative_weight_zero_trains_on_better_than_average_samples_only(tiny_po
     def train_on(batch):
         m = copy.deepcopy(model).train()
         opt = O.make_optimizer(m, cfg, 1e-3)
-        update(cfg, m, opt, batch, tok)
+        stats = update(cfg, m, opt, batch, tok)
+        # zero-advantage rows are skipped in the forward pass: only the positives are trained
+        assert stats["train/tokens"] == sum(t.num_tokens for t in batch if t.info["advantage"])
         return [p.detach() for p in m.parameters()]
 
     both, positives = train_on(trajs), train_on([t for t in trajs if t.info["advantage"] > 0])

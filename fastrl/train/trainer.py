@@ -387,6 +387,7 @@ def rl_phase(run: Run, phase: Phase) -> None:
         held_out = run.eval_sets["test"][: m.decision_probe_tasks]
         probe = decision_probe_set(run.tokenizer, run.world, held_out, run.limits)
     while state.phase_step < phase.steps:
+        t_step = time.time()
         # -- the decision probe, on the policy that samples this step
         probed = {}
         if probe:
@@ -451,6 +452,10 @@ def rl_phase(run: Run, phase: Phase) -> None:
         row["time/sync"] = time.time() - t2
         n_tokens = sum(t.num_tokens for t in played)
         row["throughput/tokens_per_s"] = n_tokens / max(1e-9, time.time() - t0)
+        row["rollout/sampled_tokens"] = sum(
+            sum(t.loss_mask) for t in played if t.source != "expert"
+        )
+        row["time/step"] = time.time() - t_step
         if cfg.eval.every and state.phase_step % cfg.eval.every == 0:
             row["eval/test_success"] = run.evaluate("test")["success"]
 

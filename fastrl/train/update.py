@@ -204,6 +204,7 @@ def policy_update(
                     old[id(t)] = lp[: t.num_tokens]  # [T_t] without this batch's padding
     meter = Meter()
     grad_norms = []
+    trained_tokens = 0  # tokens through a forward and backward pass (zero-advantage rows skipped)
     expert_minis = [experts[i::n_minis] for i in range(n_minis)]
     for mini, expert_mini in zip(minis, expert_minis):
         # Normalisers over the whole batch (every rank's share of it).
@@ -214,7 +215,9 @@ def policy_update(
             t for t in mini if any(t.loss_mask) and (loss_fn.uses_all_tokens or t.info["advantage"])
         ]
         passes = mixed_passes(model, expert_mini, mixed_weight, spec, dist, meter)
+        trained_tokens += sum(t.num_tokens for p in passes for t in p.group)  # mixed SFT
         if n_tokens:
+            trained_tokens += sum(t.num_tokens for t in active)
             for group in micro_batches(active, spec.max_tokens, spec.packing):
                 run = rl_pass(model, ref_model, old, spec, meter, n_tokens, n_rows)
                 passes.append(Pass(group, run))
@@ -243,6 +246,7 @@ def policy_update(
     out["grad_norm"] = float(np.mean(finite)) if finite else (grad_norms[0] if grad_norms else 0.0)
     out["skipped_updates"] = len(grad_norms) - len(finite)
     out["lr"] = lr
+    out["train/tokens"] = float(trained_tokens)
     return out
 
 
