@@ -8,6 +8,7 @@ also to RUN_DIR/train.log)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TextIO
 
 # The microbenchmarks live in the source checkout's bench/, next to the package.
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
@@ -246,14 +248,18 @@ def main(argv: list[str] | None = None) -> int:
     run_log = RunLogHandler()  # RUN_DIR/train.log, opened once the run directory is claimed
     if args.verb in ("train", "demo") and int(os.environ.get("RANK", "0")) == 0:
         logging.getLogger().addHandler(run_log)
+    # stdout carries the result line only: whatever a library prints there while the job runs
+    # (DeepSpeed's accelerator notice, for one) goes to stderr with the logs.
+    result = sys.stdout
     try:
-        return _run(args, argv)
+        with contextlib.redirect_stdout(sys.stderr):
+            return _run(args, argv, result)
     finally:
         logging.getLogger().removeHandler(run_log)
         run_log.close()
 
 
-def _run(args: argparse.Namespace, argv: list[str]) -> int:
+def _run(args: argparse.Namespace, argv: list[str], result: TextIO) -> int:
     from fastrl.api import ReplayError, evaluate, train
     from fastrl.config import ConfigError
     from fastrl.train.signals import Interrupted
@@ -304,7 +310,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print("fastrl: interrupted; the last checkpoint stays intact", file=sys.stderr)
         return 130
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the summary is printed once
-        print(json.dumps(summary))
+        print(json.dumps(summary), file=result, flush=True)
     return 0
 
 
