@@ -124,9 +124,13 @@ def fresh_logging(monkeypatch):
     vllm.setLevel(vllm_level)
 
 
-def test_vllm_records_go_to_stderr_without_the_known_noise(fresh_logging, capsys, tmp_path):
+def test_vllm_records_go_to_stderr_without_the_known_noise(
+    fresh_logging, capsys, tmp_path, monkeypatch
+):
     import os
 
+    # vLLM's default level (importing trl, as the parity tests do, sets ERROR in the environment).
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     setup_logging("INFO")
     run_log = RunLogHandler()
     logging.getLogger().addHandler(run_log)
