@@ -26,6 +26,8 @@ The job, shared by both trainers:
 Trainers (`--trainers`):
     fastrl         `fastrl.train(...)` with its defaults otherwise: colocated in-process vLLM,
                    packed micro-batches, its decision probe and monitors
+    fastrl-noprobe the same with the decision probe off (`monitor.decision_probe_tasks=0`): what
+                   fastrl's per-step monitoring forward costs
     trl-vllm       GRPOTrainer with `environment_factory` (the tools are the environment's
                    methods, multi-turn, tool output masked), generation by vLLM colocated
     trl-hf         the same with transformers `generate`
@@ -33,7 +35,8 @@ What differs (beyond the implementations): TRL has no per-turn token limit (fast
 turn), only `max_completion_length` over the whole completion, tool results included; a
 malformed tool call is an error observation in fastrl and the final answer in TRL (it parses as
 text); fastrl skips zero-advantage rows in the forward pass (and, when every group agrees, runs a
-forward without gradient for its token metrics instead of an update), TRL trains on every row;
+forward without gradient over a sample of the rows for its token metrics instead of an update),
+TRL trains on every row;
 fastrl runs its per-step decision probe and monitors; TRL's lr warm-up starts at 0 (fastrl's at
 lr/2); TRL's vLLM importance-sampling correction is turned off, as fastrl's (`rl.tis_cap`) is by
 default (with it TRL would run one more forward pass per step); TRL's gradient checkpointing is
@@ -70,8 +73,9 @@ import time
 from pathlib import Path
 
 WORLD = "synthetic_1q"
-TRAINERS = ("fastrl", "trl-vllm", "trl-hf")
-PHASES = ("generation", "tools", "logprobs", "train", "sync", "other")
+TRAINERS = ("fastrl", "fastrl-noprobe", "trl-vllm", "trl-hf")
+FASTRL = ("fastrl", "fastrl-noprobe")
+PHASES = ("generation", "tools", "logprobs", "train", "sync", "probe", "other")
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +132,9 @@ def register_world() -> None:
     ENVS[WORLD] = OneQuestionWorld
 
 
-def fastrl_config(args, run_dir: Path, model: str, sft_steps: int, rl_steps: int) -> dict:
+def fastrl_config(
+    args, run_dir: Path, model: str, sft_steps: int, rl_steps: int, probe: bool = True
+) -> dict:
     return {
         "run_dir": str(run_dir),
         "seed": args.seed,
@@ -149,6 +155,7 @@ def fastrl_config(args, run_dir: Path, model: str, sft_steps: int, rl_steps: int
         },
         "rollout": {"max_turns": args.max_turns, "gpu_memory_utilization": args.kv_fraction},
         "eval": {"splits": ["test"]},
+        **({} if probe else {"monitor": {"decision_probe_tasks": 0}}),
     }
 
 
@@ -227,7 +234,7 @@ def peak_rss_mib() -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def run_fastrl(args, model: Path, run_dir: Path) -> dict:
+def run_fastrl(args, model: Path, run_dir: Path, probe: bool = True) -> dict:
     import torch
 
     import fastrl
@@ -265,7 +272,7 @@ def run_fastrl(args, model: Path, run_dir: Path) -> dict:
         return log(self, row)
 
     MetricLogger.log = log_step
-    cfg = fastrl_config(args, run_dir, str(model), 0, args.steps)
+    cfg = fastrl_config(args, run_dir, str(model), 0, args.steps, probe)
     summary = fastrl.train(cfg, overwrite=True)
     per_step = [
         {
@@ -278,6 +285,7 @@ def run_fastrl(args, model: Path, run_dir: Path) -> dict:
             "logprobs": 0.0,  # one update per step: the ratio's old logprobs are the same forward's
             "train": s["time/train"],
             "sync": s["time/sync"],
+            "probe": s.get("time/probe", 0.0),  # the decision probe's forward (fastrl's monitor)
             "backward": s.get("s/backward", 0.0),
         }
         for s in steps
@@ -526,6 +534,7 @@ def run_trl(args, model: Path, run_dir: Path, use_vllm: bool) -> dict:
                     s.get(f"s/{k}", 0.0) for k in ("train_forward", "backward", "optimizer")
                 ),
                 "sync": s.get("s/sync", 0.0),
+                "probe": 0.0,  # TRL has no monitor of its own
                 "backward": s.get("s/backward", 0.0),
             }
         )
@@ -591,8 +600,8 @@ def worker(args) -> None:
         print(json.dumps(results))
         return
     run_dir = out / args.worker
-    if args.worker == "fastrl":
-        result = run_fastrl(args, model, run_dir)
+    if args.worker in FASTRL:
+        result = run_fastrl(args, model, run_dir, probe=args.worker == "fastrl")
     else:
         if args.worker == "trl-vllm":
             # vLLM's CPU settings fastrl's engine uses: in-process engine core, OpenMP threads
@@ -605,12 +614,14 @@ def worker(args) -> None:
 
 
 def summarize(result: dict, warmup: int) -> dict:
-    """Medians over the steps after the warm-up, and the time split per phase."""
+    """Medians over the steps after the warm-up, the total of their wall times, and the time
+    split per phase (each phase's median over the steps; `other` is each step's rest)."""
     steps = result["steps"][warmup:] or result["steps"]
     med = statistics.median
     wall = med(s["wall"] for s in steps)
     row = {
         "step_s": wall,
+        "total_s": sum(s["wall"] for s in steps),
         "generated_tok_s": med(s["generated_tokens"] / s["wall"] for s in steps),
         "trained_tok_s": med(s["trained_tokens"] / s["wall"] for s in steps),
         "generated_tokens": med(s["generated_tokens"] for s in steps),
@@ -624,7 +635,7 @@ def summarize(result: dict, warmup: int) -> dict:
         row[f"{phase}_s"] = med(s[phase] for s in steps)
     row["backward_s"] = med(s["backward"] for s in steps)
     # `train` holds the tool-free training work; generation and tools are disjoint from it.
-    row["other_s"] = max(0.0, wall - sum(row[f"{p}_s"] for p in PHASES[:-1]))
+    row["other_s"] = med(max(0.0, s["wall"] - sum(s[p] for p in PHASES[:-1])) for s in steps)
     return row
 
 
@@ -643,6 +654,7 @@ def versions() -> dict:
 def table(rows: dict, success: dict) -> str:
     cols = [
         ("step s", "step_s", "{:.2f}"),
+        ("total s", "total_s", "{:.1f}"),
         ("gen tok/s", "generated_tok_s", "{:.0f}"),
         ("trained tok/s", "trained_tok_s", "{:.0f}"),
         ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
@@ -651,6 +663,7 @@ def table(rows: dict, success: dict) -> str:
         ("logprobs s", "logprobs_s", "{:.2f}"),
         ("train s", "train_s", "{:.2f}"),
         ("sync s", "sync_s", "{:.3f}"),
+        ("probe s", "probe_s", "{:.2f}"),
         ("other s", "other_s", "{:.2f}"),
         ("sampled success", "sampled_success", "{:.2f}"),
     ]
@@ -663,22 +676,26 @@ def table(rows: dict, success: dict) -> str:
         cells = [fmt.format(row[key]) for _, key, fmt in cols]
         ok = success.get(name)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if ok is None else ok} |")
-    base = rows.get("fastrl")
-    others = [n for n, r in rows.items() if n != "fastrl" and "error" not in r]
-    if base and "error" not in base and others:
+    ours = [n for n in FASTRL if n in rows and "error" not in rows[n]]
+    others = [n for n, r in rows.items() if n not in FASTRL and "error" not in r]
+    if ours and others:
         lines += [
             "",
-            "| fastrl vs | speed-up (step time) | generated tok/s | trained tok/s | peak RSS |",
-            "|---|---:|---:|---:|---:|",
+            "| speed-up | over | step time (median) | total time | generated tok/s | trained tok/s "
+            "| peak RSS |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
-        for name in others:
-            row = rows[name]
-            lines.append(
-                f"| {name} | {row['step_s'] / base['step_s']:.2f}x | "
-                f"{base['generated_tok_s'] / row['generated_tok_s']:.2f}x | "
-                f"{base['trained_tok_s'] / row['trained_tok_s']:.2f}x | "
-                f"{base['peak_rss_mib'] / row['peak_rss_mib']:.2f}x |"
-            )
+        for mine in ours:
+            base = rows[mine]
+            for name in others:
+                row = rows[name]
+                lines.append(
+                    f"| {mine} | {name} | {row['step_s'] / base['step_s']:.2f}x | "
+                    f"{row['total_s'] / base['total_s']:.2f}x | "
+                    f"{base['generated_tok_s'] / row['generated_tok_s']:.2f}x | "
+                    f"{base['trained_tok_s'] / row['trained_tok_s']:.2f}x | "
+                    f"{base['peak_rss_mib'] / row['peak_rss_mib']:.2f}x |"
+                )
     return "\n".join(lines)
 
 

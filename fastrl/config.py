@@ -288,6 +288,10 @@ class MonitorConfig:
     # (ctrl/first_p_tool_call), another call (ctrl/continue_p_tool_call) or answers
     # (ctrl/answer_p_tool_call); 0 turns it off.
     decision_probe_tasks: int = 32
+    # On an RL step without an update (every group agreed), the token metrics (entropy,
+    # control-token probabilities) come from a no-grad forward over rows spread across the
+    # groups, up to this many tokens; 0 skips them (those steps then log no token metrics).
+    idle_metric_tokens: int = 2048
 
 
 @dataclass
@@ -529,6 +533,7 @@ class Config:
             ("monitor.alarm_min_history", self.monitor.alarm_min_history >= 1, ">= 1"),
             ("monitor.alarm_alpha", 0 < self.monitor.alarm_alpha <= 1, "in (0, 1]"),
             ("monitor.decision_probe_tasks", self.monitor.decision_probe_tasks >= 0, ">= 0"),
+            ("monitor.idle_metric_tokens", self.monitor.idle_metric_tokens >= 0, ">= 0"),
             ("rl.tis_cap", self.rl.tis_cap is None or self.rl.tis_cap > 0, "> 0 or null"),
             ("rl.updates_per_step", self.rl.updates_per_step >= 1, ">= 1"),
             ("rl.clip_low", 0 <= self.rl.clip_low < 1, "in [0, 1)"),

@@ -45,10 +45,23 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+SYNCS_FROM_RL_PHASE = []  # the smoke run's engine syncs made by the RL loop
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    from fastrl.rollout.engines.hf import HFEngine
+
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    code = main(["train", "--config", "configs/smoke.yaml", f"run_dir={run_dir}"])
+    real = HFEngine.sync_weights
+
+    def sync_weights(self, named_tensors=None):
+        SYNCS_FROM_RL_PHASE.append(sys._getframe(1).f_code.co_name == "rl_phase")
+        return real(self, named_tensors)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(HFEngine, "sync_weights", sync_weights)
+        code = main(["train", "--config", "configs/smoke.yaml", f"run_dir={run_dir}"])
     assert code == 0
     return run_dir
 
@@ -80,6 +93,9 @@ def test_smoke_run_writes_everything(smoke_run, capsys):
     rows = _rows(smoke_run)
     assert [r["step"] for r in rows] == list(range(1, 6))
     assert [r["phase"] for r in rows] == ["sft"] * 3 + ["rl"] * 2
+    # The engine is synced when RL starts and after each step that changed the weights.
+    updated = [r["train/updates"] > 0 for r in rows if r["phase"] == "rl"]
+    assert sum(SYNCS_FROM_RL_PHASE) == 1 + sum(updated)
     for key in CONTRACT:
         assert key in rows[-1], key
     states = [

@@ -207,3 +207,41 @@ def test_mask_truncated_keeps_cut_episodes_out_of_the_loss_only_when_asked():
     assert U.loss_members([cut, whole], mask_truncated=True) == [whole]
     assert U.loss_members([cut, whole], mask_truncated=False) == [cut, whole]
     assert load_config(None, []).rl.mask_truncated is False  # loops are failures the loss sees
+
+
+def test_a_step_without_signal_leaves_weights_and_measures_a_spread_sample(tiny_policy, world):
+    """Every group agreed (all advantages 0): no optimizer step (`train/updates` 0, weights as they
+    were), the token metrics measured on rows spread over the groups within
+    `monitor.idle_metric_tokens`; 0 measures nothing."""
+    model, tok, _ = tiny_policy
+    model = copy.deepcopy(model).train()
+    tasks = world.tasks("train", 6)
+    trajs = S.play_experts(tok, world, tasks, Limits(max_total_tokens=4096), solved_only=True)
+    for i, t in enumerate(trajs):
+        t.group_id = i // 2
+        t.info["advantage"] = 0.0
+        t.source = "policy"
+    assert len(trajs) == 6
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = O.make_optimizer(model, load_config(None, []), 1e-3)
+    mean_len = sum(t.num_tokens for t in trajs) / len(trajs)
+    budget = math.ceil(3 * mean_len)  # three rows of six: one per group
+    sample = U.spread_sample(trajs, budget)
+    assert [trajs.index(t) for t in sample] == [0, 2, 4]
+    assert U.spread_sample(trajs, 1) == trajs[:1] and U.spread_sample(trajs, 10**9) == trajs
+
+    def run(tokens):
+        cfg = load_config(None, [f"monitor.idle_metric_tokens={tokens}"])
+        return update(cfg, model, optimizer, trajs, tok)
+
+    full, some, none = run(10**9), run(budget), run(0)
+    for stats in (full, some, none):
+        assert stats["train/updates"] == 0 and stats["loss"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert "entropy" not in none and "ctrl/p_im_end" not in none
+    # The sample's metrics are those of a forward over its rows alone.
+    cfg = load_config(None, [])
+    alone = U.policy_update(model, optimizer, sample, sample, cfg.rl.lr,
+                            U.step_spec(cfg, tok))  # fmt: skip
+    assert some["entropy"] == pytest.approx(alone["entropy"], rel=1e-6)
+    assert some["entropy"] != pytest.approx(full["entropy"], rel=1e-6)

@@ -393,6 +393,7 @@ def rl_phase(run: Run, phase: Phase) -> None:
         if probe:
             probed = decision_probe(model, probe, ids.control[2], run.spec.pad_id,
                                     run.spec.max_tokens, run.spec.packing)  # fmt: skip
+            probed["time/probe"] = time.time() - t_step
         # -- rollout
         t0 = time.time()
         run.engine.wake()
@@ -445,10 +446,12 @@ def rl_phase(run: Run, phase: Phase) -> None:
         row["time/train"] = time.time() - t1
 
         # -- weight sync: vLLM gets the new weights streamed in place; the HF engine generates
-        # with the trainer's own parameters, so only its cached keys and values are dropped.
+        # with the trainer's own parameters, so only its cached keys and values are dropped. A
+        # step without an optimizer step leaves the engine's weights (and prefix cache) current.
         t2 = time.time()
-        with nvtx_range("sync"):
-            run.engine.sync_weights()
+        if row.get("train/updates", 0):
+            with nvtx_range("sync"):
+                run.engine.sync_weights()
         row["time/sync"] = time.time() - t2
         n_tokens = sum(t.num_tokens for t in played)
         row["throughput/tokens_per_s"] = n_tokens / max(1e-9, time.time() - t0)

@@ -54,6 +54,19 @@ class StepSpec:
     loss: RLLoss | None = None  # the bound RL loss
     chord_phi: bool = False  # mixed SFT weights each token by p (1 - p)
     ids: ProbeIds | None = None  # the tokens `ctrl/*` metrics probe; None: no probes
+    # Token budget of the metric forward on a step without an update (None: every row; 0: none).
+    idle_metric_tokens: int | None = None
+
+
+def spread_sample(trajs: list[Trajectory], max_tokens: int) -> list[Trajectory]:
+    """Rows of `trajs` evenly spaced through the list (a step's trajectories come group by group,
+    so every group is represented while rows are at least as many as groups), as many as fit in
+    `max_tokens` at the mean row length; at least one."""
+    if not trajs:
+        return []
+    mean = sum(t.num_tokens for t in trajs) / len(trajs)
+    m = min(len(trajs), max(1, int(max_tokens // mean)))
+    return [trajs[j * len(trajs) // m] for j in range(m)]
 
 
 def step_spec(cfg: Config, tokenizer: Any) -> StepSpec:
@@ -86,6 +99,7 @@ def step_spec(cfg: Config, tokenizer: Any) -> StepSpec:
         updates_per_step=rl.updates_per_step,
         loss=loss,
         chord_phi=cfg.supervision.mixed_sft.chord_phi,
+        idle_metric_tokens=cfg.monitor.idle_metric_tokens,
         ids=ids,
     )
 
@@ -226,11 +240,13 @@ def policy_update(
         bad = run_passes(dist, model, optimizer, passes)
         with nvtx_range("optimizer"):
             grad_norms.append(clip_and_step(model, optimizer, spec.grad_clip, skip=bad))
-    if not grad_norms:
+    if not grad_norms and spec.idle_metric_tokens != 0:
         # No trajectory carried a learning signal (every group agreed): no update, but the
-        # policy's token metrics are still measured.
+        # policy's token metrics are still measured, on rows spread over the groups.
         with torch.no_grad(), full_weights(optimizer):
             signal = [t for t in sampled if any(t.loss_mask)]
+            if spec.idle_metric_tokens is not None:
+                signal = spread_sample(signal, spec.idle_metric_tokens)
             for group in micro_batches(signal, spec.max_tokens, spec.packing):
                 batch = collate(group, spec.pad_id, model_device(model))
                 control = spec.ids.control if spec.ids is not None else None
@@ -238,6 +254,7 @@ def policy_update(
                     model, batch, spec.temperature, control, spec.packing
                 )
                 token_metrics(meter.add, batch, logp, entropy, ctrl_probs, spec.ids)
+    if not grad_norms:
         meter.sums.update(loss=0.0, clip_frac=0.0, kl=0.0, ratio_mean=1.0)
         meter.counts.update(loss=1.0, clip_frac=1.0, kl=1.0, ratio_mean=1.0)
     out = meter.means()
@@ -245,6 +262,7 @@ def policy_update(
     finite = [g for g in grad_norms if math.isfinite(g)]
     out["grad_norm"] = float(np.mean(finite)) if finite else (grad_norms[0] if grad_norms else 0.0)
     out["skipped_updates"] = len(grad_norms) - len(finite)
+    out["train/updates"] = len(finite)  # optimizer steps applied: 0 leaves the weights as they were
     out["lr"] = lr
     out["train/tokens"] = float(trained_tokens)
     return out
