@@ -42,7 +42,7 @@ lr/2); TRL's vLLM importance-sampling correction is turned off, as fastrl's (`rl
 default (with it TRL would run one more forward pass per step); TRL's gradient checkpointing is
 off (its default is on; fastrl's is off), which favours TRL's speed. TRL needs a chat template
 that renders structured tool calls, which the presets' template does not (fastrl keeps calls as
-text): `TOOL_CALL_TEMPLATE` adds that; prompts and the tokens that frame a tool result are the
+text): `tool_call_template()` adds that; prompts and the tokens that frame a tool result are the
 same ids in both trainers.
 
 Measured per trainer, each in its own process: wall time per RL step (median over the steps after
@@ -304,20 +304,11 @@ def run_fastrl(args, model: Path, run_dir: Path, probe: bool = True) -> dict:
 # --------------------------------------------------------------------------------------------
 
 TYPES = {"string": "str", "integer": "int", "number": "float", "boolean": "bool"}
-# The presets' chat template (fastrl.models.CHAT_TEMPLATE) plus the rendering of structured
-# `tool_calls` as Hermes calls, which TRL requires of a template before it runs tools. Prompts
-# render to the same ids as with the presets' own template (checked in `run_trl`); TRL renders
-# tool calls only to find the ids that frame a tool result, never the sampled turns.
-TOOL_CALL_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'tool' %}"
-    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}"
-    "{{- '<|im_start|>user' }}"
-    "{%- endif %}"
-    "{{- '\\n<tool_response>\\n' + (message['content'] or '') + '\\n</tool_response>' }}"
-    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- endif %}"
+# The rendering of structured `tool_calls` as Hermes calls, which TRL requires of a chat template
+# before it runs tools; `tool_call_template` adds it to the presets' own template. Prompts render
+# to the same ids as with the presets' template (checked in `run_trl`); TRL renders tool calls only
+# to find the ids that frame a tool result, never the sampled turns.
+TOOL_CALLS_BRANCH = (
     "{%- elif message['role'] == 'assistant' and message.get('tool_calls') %}"
     "{{- '<|im_start|>assistant\\n' }}"
     "{%- if message['content'] %}{{- message['content'] + '\\n' }}{%- endif %}"
@@ -328,14 +319,17 @@ TOOL_CALL_TEMPLATE = (
     "{{- call['arguments'] | tojson }}{{- '}\\n</tool_call>' }}"
     "{%- endfor %}"
     "{{- '<|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- endif %}"
 )
+
+
+def tool_call_template() -> str:
+    """`fastrl.models.CHAT_TEMPLATE` with `TOOL_CALLS_BRANCH` before its plain-message branch."""
+    from fastrl.models import CHAT_TEMPLATE
+
+    head, plain, tail = CHAT_TEMPLATE.partition("{%- else %}")
+    if not plain:
+        raise RuntimeError("fastrl.models.CHAT_TEMPLATE has no plain-message branch")
+    return head + TOOL_CALLS_BRANCH + plain + tail
 
 
 def tool_environment(tasks):
@@ -408,9 +402,10 @@ def run_trl(args, model: Path, run_dir: Path, use_vllm: bool) -> dict:
         tokenizer.apply_chat_template, add_generation_prompt=True, tokenize=True, return_dict=False
     )
     own = [render(r["prompt"]) for r in rows]
-    if own != [render(r["prompt"], chat_template=TOOL_CALL_TEMPLATE) for r in rows]:
-        raise RuntimeError("TOOL_CALL_TEMPLATE renders the prompts differently")
-    tokenizer.chat_template = TOOL_CALL_TEMPLATE
+    template = tool_call_template()
+    if own != [render(r["prompt"], chat_template=template) for r in rows]:
+        raise RuntimeError("tool_call_template() renders the prompts differently")
+    tokenizer.chat_template = template
     tokenizer.padding_side = "left"
     tokenizer.response_template = qwen3_template  # the Hermes <tool_call> JSON of this template
     batch = args.prompts * args.group

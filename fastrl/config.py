@@ -188,6 +188,11 @@ class SFTConfig:
     # Demonstrate only train tasks whose expert makes at most this many tool calls (RL still
     # trains on every task); 0 uses them all.
     max_expert_calls: int = 0
+    # Pretraining replay: this many transcripts of the tool-use pretraining data (procedural
+    # tools in both call syntaxes, the `pretrain.tasks` of `pretrain.seed`) added to every SFT
+    # batch, so a `<preset>-base` keeps what the world's one-syntax demonstrations do not show
+    # while it learns them; 0 is off.
+    replay: int = 0
 
 
 @dataclass
@@ -528,6 +533,7 @@ class Config:
             ("rl.negative_weight", 0 <= self.rl.negative_weight <= 1, "in [0, 1]"),
             ("rl.format_reward", self.rl.format_reward >= 0, ">= 0"),
             ("sft.max_expert_calls", self.sft.max_expert_calls >= 0, ">= 0"),
+            ("sft.replay", 0 <= self.sft.replay <= self.pretrain.tasks, "in [0, pretrain.tasks]"),
             ("optim.max_nonfinite_steps", self.optim.max_nonfinite_steps >= 0, ">= 0"),
             ("monitor.alarm_threshold", self.monitor.alarm_threshold > 0, "> 0"),
             ("monitor.alarm_min_history", self.monitor.alarm_min_history >= 1, ">= 1"),

@@ -297,3 +297,34 @@ def test_fastrl_eval_runs_the_procedural_world(tmp_path, capsys):
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip())
     assert (summary["env"], summary["success"], summary["n"]) == ("procedural", 1.0, 5)
+
+
+def test_sft_replay_adds_pretraining_transcripts_to_every_batch(tmp_path, monkeypatch):
+    """`sft.replay`: each SFT step trains on its `sft.batch_size` world demonstrations plus that
+    many procedural pretraining transcripts (both syntaxes over the steps), drawn per step."""
+    import fastrl
+    from fastrl.config import load_config
+    from fastrl.train import trainer
+
+    batches = []
+    real = trainer.sft_step
+
+    def sft_step(model, optimizer, trajs, *args, **kwargs):
+        batches.append(list(trajs))
+        return real(model, optimizer, trajs, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "sft_step", sft_step)
+    overrides = [f"run_dir={tmp_path / 'run'}", "sft.steps=3", "sft.replay=4", "rl.steps=0"]
+    overrides += ["env.eval_tasks=2", "eval.splits=[test]", "rollout.max_total_tokens=1024"]
+    fastrl.train(load_config("configs/smoke.yaml", overrides))
+    assert len(batches) == 3
+    replayed = [[t for t in b if t.task_id.startswith("procedural/")] for b in batches]
+    assert all(len(b) - len(r) == 8 for b, r in zip(batches, replayed))  # sft.batch_size
+    assert all(1 <= len(r) <= 4 for r in replayed)  # those that fit rollout.max_total_tokens
+    assert len({t.task_id for r in replayed for t in r}) == sum(map(len, replayed))
+    syntaxes = {
+        "hermes" if "hermes JSON" in t.messages[0]["content"] else "pythonic"
+        for r in replayed
+        for t in r
+    }
+    assert syntaxes == {"hermes", "pythonic"}

@@ -122,6 +122,57 @@ class Env(Protocol):
         ...
 
 
+class QuestionTurnsEnv:
+    """The `Env.step` of worlds whose tasks are user questions answered in turn, shared: a parse
+    error is an error observation, each call becomes the observation `_call` gives, a plain-text
+    message answers the current question and brings the next (`_question`), and the last answer
+    ends the episode. A subclass's `reset` calls `_start` first; `_answered` runs after each
+    answer."""
+
+    _task: Task | None = None
+
+    def _start(self, task: Task, n_questions: int) -> None:
+        self._task = task
+        self._n_questions = n_questions
+        self._answers: list[str] = []
+        self._n_calls = self._n_errors = 0
+        self._done = False
+
+    def _call(self, call: ToolCall) -> tuple[str, bool]:
+        """Execute `call`: the tool message's text and whether it reports an error."""
+        raise NotImplementedError
+
+    def _question(self, index: int) -> str:
+        """The text of user question `index` (0-based)."""
+        raise NotImplementedError
+
+    def _answered(self) -> None:
+        """Called after each answer is recorded."""
+
+    def step(self, assistant_text: str, parsed: Parsed) -> tuple[list[dict], bool]:
+        if self._task is None:
+            raise RuntimeError("call reset(task) before step()")
+        if self._done:
+            return [], True
+        if parsed.error is not None:
+            self._n_errors += 1
+            return [{"role": "tool", "content": f"Error: {parsed.error}"}], False
+        if parsed.calls:
+            observations = []
+            for call in parsed.calls:
+                shown, error = self._call(call)
+                self._n_calls += 1
+                self._n_errors += error
+                observations.append({"role": "tool", "content": shown})
+            return observations, False
+        self._answers.append(assistant_text)
+        self._answered()
+        if len(self._answers) < self._n_questions:
+            return [{"role": "user", "content": self._question(len(self._answers))}], False
+        self._done = True
+        return [], True
+
+
 class Format(Protocol):
     """A tool-call syntax: how tools are described to the model and how calls are written."""
 

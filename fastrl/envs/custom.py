@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fastrl.envs.base import Parsed, Task, ToolCall
+from fastrl.envs.base import QuestionTurnsEnv, Task, ToolCall
 from fastrl.envs.executor import MethodExecutor, dumps_result
 from fastrl.envs.formats import get_format
 
@@ -302,7 +302,7 @@ def default_reward(task: dict, tools: object, answers: list[str]) -> tuple[float
 # The world and its environment.
 
 
-class CustomEnv:
+class CustomEnv(QuestionTurnsEnv):
     """Runs one task of a custom world (implements the Env protocol)."""
 
     def __init__(self, world: CustomWorld) -> None:
@@ -310,39 +310,21 @@ class CustomEnv:
         self._task: Task | None = None
 
     def reset(self, task: Task) -> list[dict]:
-        self._task = task
         self._row = task.meta["row"]
         self._turns = self._row.get("turns") or [self._row["question"]]
+        self._start(task, len(self._turns))
         self.instance = self.world.tools_class(**copy.deepcopy(self._row.get("initial_state", {})))
         self._allowed = {t["name"] for t in task.tools}
         methods = {name: getattr(self.instance, name) for name in self._allowed}
         self._executor = MethodExecutor(methods, schemas=self.world.parameters, json_errors=True)
-        self._answers: list[str] = []
-        self._n_calls = self._n_errors = 0
-        self._done = False
         return [dict(m) for m in task.messages]
 
-    def step(self, assistant_text: str, parsed: Parsed) -> tuple[list[dict], bool]:
-        if self._task is None:
-            raise RuntimeError("call reset(task) before step()")
-        if self._done:
-            return [], True
-        if parsed.error is not None:
-            self._n_errors += 1
-            return [{"role": "tool", "content": f"Error: {parsed.error}"}], False
-        if parsed.calls:
-            observations = []
-            for call in parsed.calls:
-                shown, result = self._executor.call(call.name, call.arguments, self._allowed)
-                self._n_calls += 1
-                self._n_errors += result is None or shown != result
-                observations.append({"role": "tool", "content": shown})
-            return observations, False
-        self._answers.append(assistant_text)
-        if len(self._answers) < len(self._turns):
-            return [{"role": "user", "content": self._turns[len(self._answers)]}], False
-        self._done = True
-        return [], True
+    def _call(self, call: ToolCall) -> tuple[str, bool]:
+        shown, result = self._executor.call(call.name, call.arguments, self._allowed)
+        return shown, result is None or shown != result
+
+    def _question(self, index: int) -> str:
+        return self._turns[index]
 
     def score(self) -> tuple[float, dict]:
         if self._task is None:

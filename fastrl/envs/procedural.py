@@ -30,7 +30,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from fastrl.envs.base import Parsed, Task, ToolCall
+from fastrl.envs.base import QuestionTurnsEnv, Task, ToolCall
 from fastrl.envs.formats import FORMATS, get_format
 from fastrl.envs.synthetic import tools as world_tools
 from fastrl.envs.synthetic.tools import answer_ok, dumps
@@ -301,7 +301,7 @@ def system_prompt(instruction: str, fmt: str, tools: list[dict]) -> str:
 # The environment and the world.
 
 
-class ProceduralEnv:
+class ProceduralEnv(QuestionTurnsEnv):
     """Runs one procedural task: calls are checked against the offered schemas and answered from
     the task's lookup table; a plain-text message answers the current user turn and brings the
     next question (implements Env)."""
@@ -310,13 +310,10 @@ class ProceduralEnv:
         self._task: Task | None = None
 
     def reset(self, task: Task) -> list[dict]:
-        self._task = task
+        self._start(task, len(task.meta["turns"]))
         self._tools = {t["name"]: t for t in task.tools}
         self._table = task.meta["table"]
         self._turns = task.meta["turns"]
-        self._answers: list[str] = []
-        self._n_calls = 0
-        self._n_errors = 0
         return [dict(m) for m in task.messages]
 
     def _execute(self, call: ToolCall) -> dict:
@@ -334,24 +331,12 @@ class ProceduralEnv:
         result = self._table.get(call.name, {}).get(_key(value))
         return copy.deepcopy(result) if result else {"error": f"nothing found for {value!r}"}
 
-    def step(self, assistant_text: str, parsed: Parsed) -> tuple[list[dict], bool]:
-        if self._task is None:
-            raise RuntimeError("call reset(task) before step()")
-        if parsed.error is not None:
-            self._n_errors += 1
-            return [{"role": "tool", "content": f"Error: {parsed.error}"}], False
-        if parsed.calls:
-            observations = []
-            for call in parsed.calls:
-                result = self._execute(call)
-                self._n_calls += 1
-                self._n_errors += "error" in result
-                observations.append({"role": "tool", "content": dumps(result)})
-            return observations, False
-        self._answers.append(assistant_text)
-        if len(self._answers) < len(self._turns):
-            return [{"role": "user", "content": self._turns[len(self._answers)]["question"]}], False
-        return [], True
+    def _call(self, call: ToolCall) -> tuple[str, bool]:
+        result = self._execute(call)
+        return dumps(result), "error" in result
+
+    def _question(self, index: int) -> str:
+        return self._turns[index]["question"]
 
     def score(self) -> tuple[float, dict]:
         """1.0 iff every answer holds its turn's expected values (which only the results give)."""

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import math
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from fastrl.algo.supervision import (
 from fastrl.config import Config
 from fastrl.envs import get_world
 from fastrl.envs.base import Task
+from fastrl.envs.procedural import ProceduralWorld
 from fastrl.eval import decision_probe, decision_probe_set, evaluate_policy
 from fastrl.monitor.control_tokens import SpikeAlarm
 from fastrl.monitor.guard import SNAPSHOT_CANDIDATE, SNAPSHOT_TAG, Decision, Guard
@@ -304,12 +306,14 @@ def log_sft_row(run: Run, name: str, stats: dict[str, Any]) -> None:
 
 def sft_phase(run: Run, phase: Phase, tasks: list[Task]) -> None:
     """The SFT warm-up: `phase.steps` steps of `sft.batch_size` teacher demonstrations (the
-    expert's own while `env.teacher` has no habit)."""
+    expert's own while `env.teacher` has no habit), plus `sft.replay` pretraining transcripts."""
     cfg, state = run.cfg, run.state
     optimizer = run.optimizers.get("sft", cfg.sft.lr)
     warmup = int(cfg.sft.warmup_ratio * phase.steps)
     habits = build.teacher_habits(cfg)
     stream = task_stream(tasks, cfg.seed, state.sft_position)
+    replay = ProceduralWorld() if cfg.sft.replay else None
+    replay_tasks = replay.tasks("train", cfg.pretrain.tasks, cfg.pretrain.seed) if replay else []
     while state.phase_step < phase.steps:
         batch_tasks, state.sft_position = draw(stream, cfg.sft.batch_size)
         mine = run.share(batch_tasks)
@@ -317,6 +321,11 @@ def sft_phase(run: Run, phase: Phase, tasks: list[Task]) -> None:
             trajs = play_experts(run.tokenizer, run.world, mine, run.limits, solved_only=True)
         else:
             trajs = play_teacher(run.tokenizer, run.world, mine, run.limits, habits, cfg.seed)
+        if replay is not None:  # the step's draw depends on the step alone (resumable)
+            rng = random.Random(f"replay/{cfg.seed}/{phase.name}/{state.phase_step}")
+            drawn = [replay_tasks[i] for i in rng.sample(range(len(replay_tasks)), cfg.sft.replay)]
+            trajs += play_experts(run.tokenizer, replay, run.share(drawn), run.limits,
+                                  solved_only=True)  # fmt: skip
         lr = cfg.sft.lr * lr_factor(state.phase_step, phase.steps, warmup, cfg.sft.schedule)
         log_sft_row(run, phase.name, sft_step(run.model, optimizer, trajs, lr, run.spec, run.dist))
     run.optimizers.drop("sft")

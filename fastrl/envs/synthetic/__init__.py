@@ -26,7 +26,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from fastrl.envs.base import Parsed, Task, ToolCall
+from fastrl.envs.base import QuestionTurnsEnv, Task, ToolCall
 from fastrl.envs.formats import get_format
 from fastrl.envs.synthetic.tasks import OOD_TEMPLATES, TEMPLATES, content_key, draw
 from fastrl.envs.synthetic.tools import (
@@ -84,7 +84,7 @@ __all__ = [
 # The environment.
 
 
-class SyntheticEnv:
+class SyntheticEnv(QuestionTurnsEnv):
     """Runs one synthetic task at a time (implements the Env protocol)."""
 
     def __init__(self) -> None:
@@ -92,40 +92,22 @@ class SyntheticEnv:
 
     def reset(self, task: Task) -> list[dict]:
         """Start `task` from its initial world and return copies of its opening messages."""
-        self._task = task
+        self._start(task, len(task.meta["turns"]))
         self._turns = task.meta["turns"]
         self._state = copy.deepcopy(task.meta["world"])
         self._allowed = {t["name"] for t in task.tools}
-        self._answers: list[str] = []
         self._snapshots: list[dict] = []
-        self._n_calls = 0
-        self._n_errors = 0
-        self._done = False
         return [dict(m) for m in task.messages]
 
-    def step(self, assistant_text: str, parsed: Parsed) -> tuple[list[dict], bool]:
-        """Execute the calls, report a parse error, or take the text as the turn's answer."""
-        if self._task is None:
-            raise RuntimeError("call reset(task) before step()")
-        if self._done:
-            return [], True
-        if parsed.error is not None:
-            self._n_errors += 1
-            return [{"role": "tool", "content": f"Error: {parsed.error}"}], False
-        if parsed.calls:
-            observations = []
-            for call in parsed.calls:
-                result = execute(self._state, self._allowed, call.name, call.arguments)
-                self._n_calls += 1
-                self._n_errors += "error" in result
-                observations.append({"role": "tool", "content": dumps(result)})
-            return observations, False
-        self._answers.append(assistant_text)
+    def _call(self, call: ToolCall) -> tuple[str, bool]:
+        result = execute(self._state, self._allowed, call.name, call.arguments)
+        return dumps(result), "error" in result
+
+    def _question(self, index: int) -> str:
+        return self._turns[index]["question"]
+
+    def _answered(self) -> None:
         self._snapshots.append(snapshot(self._state))
-        if len(self._answers) < len(self._turns):
-            return [{"role": "user", "content": self._turns[len(self._answers)]["question"]}], False
-        self._done = True
-        return [], True
 
     def score(self) -> tuple[float, dict]:
         """1.0 iff every answer holds its expected values and the final state matches the expert.
