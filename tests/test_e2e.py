@@ -83,6 +83,10 @@ def test_smoke_run_writes_everything(smoke_run, capsys):
     # model re-evaluated on the same test tasks, and the teacher's demonstrations, which fail
     # exactly where a habit fired (tests/test_teacher.py).
     cfg = load_config("configs/smoke.yaml")
+    # Every evaluated split is measured before RL too (what RL then does to it).
+    for split in cfg.eval.splits:
+        key = "sft_success" if split == "test" else f"sft_{split}_success"
+        assert 0 <= summary[key] <= 1, key
     again = evaluate("test", model=str(smoke_run / "final"), config="configs/smoke.yaml")
     assert again["n"] == cfg.env.eval_tasks
     assert summary["rl_success"] == again["success"]

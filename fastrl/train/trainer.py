@@ -240,11 +240,13 @@ def run_plan(cfg: Config, resume: bool, stop: StopRequest) -> dict[str, Any]:
         if dist.is_main:
             log.info("teacher success on test: %.3f", state.results["teacher_success"])
 
-    def baseline() -> None:  # test success of the policy RL starts from
-        if "sft_success" not in state.results:
-            state.results["sft_success"] = run.evaluate("test")["success"]
-            if dist.is_main:
-                log.info("test success before RL: %.3f", state.results["sft_success"])
+    def baseline() -> None:  # success of the policy RL starts from, on every evaluated split
+        for split in ["test", *(s for s in cfg.eval.splits if s != "test")]:
+            key = "sft_success" if split == "test" else f"sft_{split}_success"
+            if key not in state.results:
+                state.results[key] = run.evaluate(split)["success"]
+                if dist.is_main:
+                    log.info("%s success before RL: %.3f", split, state.results[key])
 
     # ----------------------------------------------------------------------- the plan
     while state.plan_index < len(plan):
@@ -276,6 +278,7 @@ def run_plan(cfg: Config, resume: bool, stop: StopRequest) -> dict[str, Any]:
     summary = {
         **{k: results.get(k) for k in ("teacher_success", "sft_success", "rl_success",
                                        "format_ood_success", "content_ood_success")},
+        **{k: v for k, v in results.items() if k.startswith("sft_") and k != "sft_success"},
         "eval_tasks": cfg.env.eval_tasks,
         "minutes": round((time.time() - t_start) / 60, 2),
         "engine": engine_used,
