@@ -5,8 +5,10 @@ synthetic world, the CLI verb's errors, and a short run that learns."""
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
+import yaml
 
 from fastrl.cli import main
 from fastrl.envs import get_world
@@ -289,6 +291,12 @@ def test_shipped_bases_match_the_current_recipe():
     for path in shipped:
         cfg = load_config(None, [f"model.name={path.name}"])
         assert recipe_hash_of(path) == recipe_hash(recipe(cfg)), path.name
+    # A shipped config naming a base asks for the shipped one (else its first use trains).
+    for config in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        name = (yaml.safe_load(config.read_text()).get("model") or {}).get("name")
+        if name and (SHIPPED_DIR / name).is_dir():
+            cfg = load_config(str(config))
+            assert recipe_hash(recipe(cfg)) == recipe_hash_of(SHIPPED_DIR / name), config.name
 
 
 def test_fastrl_eval_runs_the_procedural_world(tmp_path, capsys):
