@@ -424,8 +424,8 @@ class PretrainConfig:
     # The tool-use pretraining stage (`fastrl pretrain`, fastrl/pretrain.py): SFT of a preset on
     # procedurally generated tools and tasks (fastrl/envs/procedural.py) in both call syntaxes.
     # The same keys are the recipe of `model.name: <preset>-base`, built and cached on first use.
-    # Optimizer steps.
-    steps: int = 1000
+    # Optimizer steps (3000: the loss still fell at 1000, where held-out success was 0.02).
+    steps: int = 3000
     # Transcripts per optimizer step.
     batch_size: int = 16
     # Peak learning rate.
