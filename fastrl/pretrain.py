@@ -9,8 +9,9 @@ loss on the expert's assistant tokens (calls and answers; tool results and promp
 with the trainer's own `sft_step`.
 
 The tokenizer is fitted on the union of the procedural corpus and the tool world's corpus (the
-texts the preset of `env.name` is fitted on), so the base reads the world's tasks as well as the
-preset does and the demo can start from it (`model.name=tiny-base`).
+texts the preset of `env.name` is fitted on), so one tokenizer reads both and the demo can start
+from it (`model.name=tiny-base`); the world's texts take more tokens than with the plain preset's
+(docs/ARCHITECTURE.md).
 
     fastrl pretrain                                   # tiny-base into runs/pretrain
     fastrl pretrain model.name=small pretrain.steps=3000 run_dir=runs/small-base
