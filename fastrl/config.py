@@ -276,6 +276,9 @@ class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["test", "format_ood", "content_ood"])
     # Evaluate the test split every N RL steps (0: only after SFT and at the end).
     every: int = 0
+    # Evaluate every split on the weights RL starts from (the summary's sft_* keys); false skips
+    # it, for RL from a checkpoint whose own run already evaluated it (configs/experiments/).
+    before_rl: bool = True
 
 
 @dataclass
@@ -287,6 +290,16 @@ class MonitorConfig:
     alarm_min_history: int = 5
     # EMA weight of the newest value in the running mean and variance.
     alarm_alpha: float = 0.1
+    # The EMA z-score rule above on the sampled control-token series (ctrl/p_*, ctrl/turn_p_*,
+    # ctrl/after_call_p_im_end; ctrl/z_* are logged either way). Off: it fired only after
+    # sampled success had fallen, and the health rule below fires before (docs/EXPERIMENTS.md).
+    spike_alarm: bool = False
+    # ctrl/alarm also fires when the look-ahead health probe rises more than this many nats above
+    # its value on the weights RL started from (ctrl/health_drift, ctrl/health_drift_all): the
+    # mean NLL of the expert's own tokens, at control positions and over every assistant token,
+    # on the decision probe's held-out trajectories, scored on the weights each update produced
+    # before they sample. 0 turns the rule off (as does decision_probe_tasks=0: no probe set).
+    health_threshold: float = 0.15
     # Held-out test tasks whose expert trajectories the decision probe scores every RL step:
     # p(<tool_call>) after each question and tool result, where the expert makes a turn's last
     # call (ctrl/habit_p_tool_call; a teacher that stops early answers there), its first call
@@ -399,9 +412,11 @@ class GuardConfig:
     # exceeds this; 0 disables. Fast collapses at high learning rates often take this form.
     pollution_threshold: float = 0.0
     # What to do after the rollback: sft (a corrective SFT phase, ETS-style, with the
-    # supervision.ets settings) | lower_lr (multiply the RL learning rate by lr_factor).
+    # supervision.ets settings) | lower_lr (only the learning-rate cut below).
     action: Literal["sft", "lower_lr"] = "sft"
-    # lower_lr: factor applied to the RL learning rate per action.
+    # Every action multiplies the RL learning rate by this for the rest of the run (a lasting
+    # cut, so the run does not climb straight back into the update that broke it); 1 keeps the
+    # rate (action sft only).
     lr_factor: float = 0.5
     # A healthy RL step (no alarm, collapse under the threshold) refreshes the snapshot every this
     # many steps.
@@ -538,6 +553,7 @@ class Config:
             ("monitor.alarm_threshold", self.monitor.alarm_threshold > 0, "> 0"),
             ("monitor.alarm_min_history", self.monitor.alarm_min_history >= 1, ">= 1"),
             ("monitor.alarm_alpha", 0 < self.monitor.alarm_alpha <= 1, "in (0, 1]"),
+            ("monitor.health_threshold", self.monitor.health_threshold >= 0, ">= 0"),
             ("monitor.decision_probe_tasks", self.monitor.decision_probe_tasks >= 0, ">= 0"),
             ("monitor.idle_metric_tokens", self.monitor.idle_metric_tokens >= 0, ">= 0"),
             ("rl.tis_cap", self.rl.tis_cap is None or self.rl.tis_cap > 0, "> 0 or null"),
@@ -595,7 +611,12 @@ class Config:
             ("schedule.rl_phases", all(n >= 1 for n in sched.rl_phases), "positive step counts"),
             ("guard.collapse_threshold", 0 <= guard.collapse_threshold <= 1, "in [0, 1]"),
             ("guard.pollution_threshold", 0 <= guard.pollution_threshold <= 1, "in [0, 1]"),
-            ("guard.lr_factor", 0 < guard.lr_factor < 1, "in (0, 1)"),
+            ("guard.lr_factor", 0 < guard.lr_factor <= 1, "in (0, 1]"),
+            (
+                "guard.lr_factor",
+                guard.action != "lower_lr" or guard.lr_factor < 1,
+                "< 1 with guard.action=lower_lr",
+            ),
             ("guard.snapshot_every", guard.snapshot_every >= 1, ">= 1"),
             ("guard.max_actions", guard.max_actions >= 0, ">= 0"),
         ]

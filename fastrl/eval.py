@@ -22,6 +22,7 @@ from fastrl.envs import get_world
 from fastrl.envs.base import Task, set_tool_timeout
 from fastrl.envs.teacher import applicable, demonstration
 from fastrl.monitor.control_tokens import decision_positions
+from fastrl.monitor.metrics import ProbeIds, turn_start_rows
 from fastrl.rollout.engines import ScriptedEngine
 from fastrl.rollout.loop import Limits, run_episodes
 from fastrl.rollout.types import Trajectory
@@ -257,6 +258,59 @@ def decision_probe_set(tokenizer, world, tasks: list[Task], limits: Limits) -> l
     trajs = play_experts(tokenizer, world, tasks, limits, solved_only=True)
     probe = [decision_positions(t, habit_turns[t.task_id]) for t in trajs]
     return [t for t in probe if t.info["kinds"]]
+
+
+def health_probe_set(tokenizer, world, tasks: list[Task], limits: Limits) -> list[Trajectory]:
+    """The health probe's data: the expert trajectories of `tasks` (held out) that solve them,
+    every assistant token trained."""
+    return play_experts(tokenizer, world, tasks, limits, solved_only=True)
+
+
+HEALTH_KINDS = ("turn_start", "open", "after_call", "end")
+
+
+@torch.no_grad()
+def health_probe(
+    model, probe: list[Trajectory], ids: ProbeIds, pad_id: int, max_tokens: int, packing: bool
+) -> dict[str, float]:
+    """How well the policy still writes the expert's own control decisions, teacher-forced on the
+    fixed probe set: the mean negative log-likelihood of the expert's token at each kind of
+    control position, `ctrl/health_nll_<kind>`: `turn_start` (an assistant message's first
+    token: `<tool_call>` or the answer's first word), `open` (after `<tool_call>` and after
+    `<tool_call>\n`: the call's opener), `after_call` (after `</tool_call>`: the turn ends) and
+    `end` (where the expert writes `<|im_end|>`); `ctrl/health_nll` over the union of those
+    positions and `ctrl/health_nll_all` over every assistant token. A collapse shows as a rise:
+    the policy stops giving the structure it was taught its probability."""
+    sums = dict.fromkeys((*HEALTH_KINDS, "control", "all"), 0.0)
+    counts = dict.fromkeys(sums, 0)
+    tool_call, im_end = ids.control[2], ids.control[1]
+    for group in micro_batches(probe, max_tokens, packing):
+        batch = collate(group, pad_id, model_device(model))
+        logp, _, _ = token_stats(model, batch, packed=packing)
+        mask = batch.target_mask
+        nll = -logp[mask].double().cpu()  # [N]
+        inp = batch.input_ids
+        prev = torch.zeros_like(inp)
+        prev[:, 1:] = inp[:, :-1]
+        opener = (inp == tool_call) | ((inp == ids.newline) & (prev == tool_call))
+        after = inp == ids.end_call if ids.end_call is not None else torch.zeros_like(mask)
+        where = {
+            "turn_start": turn_start_rows(batch).cpu(),
+            "open": opener[mask].cpu(),
+            "after_call": after[mask].cpu(),
+            "end": (batch.labels == im_end)[mask].cpu(),
+        }
+        where["control"] = torch.stack(list(where.values())).any(0)
+        where["all"] = torch.ones_like(where["control"])
+        for kind, rows in where.items():
+            sums[kind] += nll[rows].sum().item()
+            counts[kind] += int(rows.sum())
+    row = {}
+    for kind in sums:
+        if counts[kind]:
+            key = "ctrl/health_nll" if kind == "control" else f"ctrl/health_nll_{kind}"
+            row[key] = sums[kind] / counts[kind]
+    return row
 
 
 @torch.no_grad()

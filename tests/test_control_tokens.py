@@ -63,3 +63,31 @@ def test_gradient_split_against_a_loop():
     # The full push sums to the two parts.
     full = (adv[:, None] * ((labels[:, None] == torch.tensor(ids)).double() - probs)).sum(0)
     torch.testing.assert_close(got_self + got_other, full)
+
+
+def test_health_drift_alarm_measures_from_the_start_and_only_upwards():
+    alarm = SpikeAlarm(health_threshold=0.3, spikes=False)
+    alarm.health_start = {"ctrl/health_nll": 0.5, "ctrl/health_nll_all": 1.0}
+    out = alarm.update({"ctrl/health_nll": 0.3, "ctrl/health_nll_all": 1.1})  # sharper: healthy
+    assert out["ctrl/alarm"] == 0.0
+    assert out["ctrl/health_drift"] == pytest.approx(-0.2)
+    assert out["ctrl/health_drift_all"] == pytest.approx(0.1)
+    assert alarm.update({"ctrl/health_nll": 0.79})["ctrl/alarm"] == 0.0  # drift 0.29
+    assert alarm.update({"ctrl/health_nll": 0.81})["ctrl/alarm"] == 1.0  # drift 0.31
+    assert alarm.update({})["ctrl/alarm"] == 0.0  # a step without an update has no probe
+    assert alarm.update({"ctrl/health_nll_all": 1.31})["ctrl/alarm"] == 1.0  # every token
+    copy = SpikeAlarm(health_threshold=0.3, spikes=False)
+    copy.load_state_dict(alarm.state_dict())
+    assert copy.update({"ctrl/health_nll": 0.9})["ctrl/alarm"] == 1.0  # the start survives
+    off = SpikeAlarm(health_threshold=0.0)
+    off.health_start = {"ctrl/health_nll": 0.5}
+    assert off.update({"ctrl/health_nll": 5.0})["ctrl/alarm"] == 0.0
+
+
+def test_the_spike_rule_can_be_turned_off():
+    on, off = SpikeAlarm(threshold=3.0, min_history=5), SpikeAlarm(threshold=3.0, spikes=False)
+    for v in series(10, 5):
+        on.update({"ctrl/p_im_end": v})
+        off.update({"ctrl/p_im_end": v})
+    assert on.update({"ctrl/p_im_end": 0.9})["ctrl/alarm"] == 1.0
+    assert off.update({"ctrl/p_im_end": 0.9})["ctrl/alarm"] == 0.0

@@ -120,3 +120,86 @@ def test_decision_probe_scores_the_turns_after_a_tool_result(tiny_policy, world)
     row = E.decision_probe(model, probe, tool_call, tok.pad_token_id, 4096, packing=True)
     for kind, values in by_kind.items():
         assert row[f"ctrl/{kind}_p_tool_call"] == pytest.approx(sum(values) / len(values), abs=1e-5)
+
+
+def test_health_probe_is_the_experts_control_token_nll_read_off_the_full_logits(tiny_policy, world):
+    """Each `ctrl/health_nll_<kind>` is the mean -log p(expert's token) over that kind's positions,
+    recomputed here from the model's full logits by scanning the token ids; the packed and
+    padded paths agree."""
+    from fastrl.monitor.metrics import probe_ids
+
+    model, tok, _ = tiny_policy
+    tasks = world.tasks("test", 12)
+    probe = E.health_probe_set(tok, world, tasks, Limits(max_total_tokens=4096))
+    ids = probe_ids(tok)
+    tool_call, end_call, im_end = tok.convert_tokens_to_ids(["<tool_call>", "</tool_call>",
+                                                             "<|im_end|>"])  # fmt: skip
+    newline = ids.newline
+    want = {k: [] for k in ("turn_start", "open", "after_call", "end", "control", "all")}
+    for traj in probe:
+        seq = traj.prompt_ids + traj.response_ids
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([seq])).logits[0].double().log_softmax(-1)
+        p = len(traj.prompt_ids)
+        for j, trained in enumerate(traj.loss_mask):
+            if not trained:
+                continue
+            pos = p + j - 1  # predicts seq[p + j]
+            nll = -logp[pos, seq[p + j]].item()
+            kinds = {
+                "turn_start": j == 0 or not traj.loss_mask[j - 1],
+                "open": seq[pos] == tool_call
+                or (seq[pos] == newline and seq[pos - 1] == tool_call),
+                "after_call": seq[pos] == end_call,
+                "end": seq[p + j] == im_end,
+            }
+            for kind, hit in kinds.items():
+                if hit:
+                    want[kind].append(nll)
+            if any(kinds.values()):
+                want["control"].append(nll)
+            want["all"].append(nll)
+    assert all(want.values())
+    for packing in (True, False):
+        row = E.health_probe(model, probe, ids, tok.pad_token_id, 4096, packing=packing)
+        for kind, values in want.items():
+            key = "ctrl/health_nll" if kind == "control" else f"ctrl/health_nll_{kind}"
+            assert row[key] == pytest.approx(sum(values) / len(values), rel=1e-4), key
+
+
+def test_health_probe_rises_when_the_turn_end_is_broken_and_falls_when_the_expert_is_learned(
+    tiny_policy, world
+):
+    """The look-ahead alarm's direction: an update that makes the expert's turn ends (<|im_end|>)
+    less likely (the collapse of docs/EXPERIMENTS.md: turns that do not end) drifts the probe up
+    past the threshold and alarms; an SFT step on the expert's trajectories drifts it down and
+    does not."""
+    import copy
+
+    from fastrl.monitor.control_tokens import SpikeAlarm
+    from fastrl.monitor.metrics import probe_ids
+
+    model, tok, _ = tiny_policy
+    probe = E.health_probe_set(tok, world, world.tasks("test", 8), Limits(max_total_tokens=4096))
+    ids = probe_ids(tok)
+    score = lambda m: E.health_probe(m, probe, ids, tok.pad_token_id, 4096, packing=True)  # noqa: E731
+    alarm = SpikeAlarm(health_threshold=0.15, spikes=False)
+    alarm.health_start = score(model)
+    batch = B.collate(probe, tok.pad_token_id)
+
+    def updated(sign: float, only_end: bool, lr: float):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=lr)
+        for _ in range(3):
+            opt.zero_grad()
+            logp, _, _ = B.token_stats(m, batch)
+            where = batch.target_mask & (batch.labels == ids.control[1] if only_end else True)
+            (sign * (logp * where).sum() / where.sum()).backward()
+            opt.step()
+        return m
+
+    out = alarm.update(score(updated(+1.0, only_end=True, lr=0.5)))  # ascent on -log p(<|im_end|>)
+    assert out["ctrl/health_drift_end"] > 0.15 and out["ctrl/alarm"] == 1.0
+    out = alarm.update(score(updated(-1.0, only_end=False, lr=0.02)))  # SFT on the expert
+    assert out["ctrl/health_drift_all"] < 0 and out["ctrl/health_drift"] < 0
+    assert out["ctrl/alarm"] == 0.0

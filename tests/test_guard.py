@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastrl.cli import main
-from fastrl.config import load_config
+from fastrl.config import ConfigError, load_config
 from fastrl.monitor.guard import Guard
 from fastrl.train import trainer as T
 
@@ -41,6 +41,17 @@ def test_guard_confirms_snapshots_a_step_late_and_rolls_back():
     lower.snapshot_step = 0
     lower.observe(1, dict(alarm))
     assert lower.lr_scale == 0.25
+    lower.observe(2, dict(alarm))
+    assert lower.lr_scale == 0.0625  # the cut lasts and compounds
+    both = Guard(load_config(None, ["guard.lr_factor=0.3"]).guard)  # action sft cuts the rate too
+    both.snapshot_step = 0
+    assert both.observe(1, dict(alarm)).action == "sft" and both.lr_scale == pytest.approx(0.3)
+    keep = Guard(load_config(None, ["guard.lr_factor=1"]).guard)
+    keep.snapshot_step = 0
+    keep.observe(1, dict(alarm))
+    assert keep.lr_scale == 1.0
+    with pytest.raises(ConfigError, match=r"guard.lr_factor: got 1.0, expected < 1 with"):
+        load_config(None, ["guard.action=lower_lr", "guard.lr_factor=1"])
 
 
 @pytest.mark.parametrize("action", ["sft", "lower_lr"])

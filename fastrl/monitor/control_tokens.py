@@ -7,11 +7,22 @@ every assistant turn (its first generated token) the probabilities of `<|im_end|
 and `<tool_call>`: `ctrl/turn_p_im_end`, `ctrl/turn_p_tool_call`; and right after `</tool_call>`,
 where the turn should end, p(`<|im_end|>`): `ctrl/after_call_p_im_end` (a drop means calls run on
 into stray text). The paper publishes no
-alarm rule; fastrl uses an exponential moving average of each series' mean and variance and raises
-`ctrl/alarm` when a new value lies more than `threshold` standard deviations from the average
-*before* it is folded in, once at least `min_history` values have been seen. Collapse shows as a
-jump up of p(`<|im_end|>`) or p(`<tool_call>`) and a drop of p(`{"`), so the rule watches the side
-that matters for each series. The z-score of every series is logged as `ctrl/z_<name>`.
+alarm rule. `SpikeAlarm` has two:
+
+- the spike rule (`spikes`): an exponential moving average of each sampled series' mean and
+  variance, firing when a new value lies more than `threshold` standard deviations from the
+  average *before* it is folded in, once at least `min_history` values have been seen. Collapse
+  shows as a jump up of p(`<|im_end|>`) or p(`<tool_call>`) and a drop of p(`{"`), so the rule
+  watches the side that matters for each series; the z-scores are logged as `ctrl/z_<name>`.
+  Sampled series are noisy and a fast collapse leaves the average no history, so this rule tends
+  to fire late (docs/EXPERIMENTS.md).
+- the health rule (`health_threshold`): the trainer scores the weights each update produced on a
+  fixed set of held-out expert trajectories before anything samples with them
+  (`fastrl.eval.health_probe`: the mean NLL of the expert's own tokens at the control positions,
+  `ctrl/health_nll`, and over every assistant token, `ctrl/health_nll_all`), and the rule fires
+  when either rises more than `health_threshold` nats above its value on the weights RL started
+  from (`ctrl/health_drift`, `ctrl/health_drift_all`). Teacher-forced on fixed data it has no
+  sampling noise, and it looks one step ahead of every sampled metric.
 
 Those probes sit in the policy's own samples, so they mix decisions. The *decision probe* holds
 the positions still: on a fixed set of held-out expert trajectories (`monitor.decision_probe_tasks`
@@ -44,8 +55,12 @@ WATCHED = {
 }
 
 
+# the health probe's drifts the health rule watches: control positions, and every token
+HEALTH_WATCHED = ("ctrl/health_drift", "ctrl/health_drift_all")
+
+
 class SpikeAlarm:
-    """EMA z-score alarm over the control-token series of the metric rows."""
+    """`ctrl/alarm` over the metric rows: the EMA spike rule and the health-drift rule."""
 
     def __init__(
         self,
@@ -53,12 +68,18 @@ class SpikeAlarm:
         min_history: int = 5,
         alpha: float = 0.1,
         min_std: float = 0.01,
+        health_threshold: float = 0.0,
+        spikes: bool = True,
     ):
         self.threshold = threshold
+        self.health_threshold = health_threshold  # nats of ctrl/health_drift; 0: off
+        self.spikes = spikes  # the EMA z-score rule on the sampled series
         self.min_history = min_history
         self.alpha = alpha
         self.min_std = min_std  # floors the std so a perfectly flat series does not alarm on noise
         self.stats: dict[str, list[float]] = {}  # series -> [count, mean, var]
+        # The health probe (`ctrl/health_nll*`) of the weights RL started from.
+        self.health_start: dict[str, float] | None = None
 
     def update(self, row: dict[str, Any]) -> dict[str, float]:
         """Fold this step's values in; returns `ctrl/alarm` (0/1) and `ctrl/z_<name>`."""
@@ -72,21 +93,30 @@ class SpikeAlarm:
             std = max(math.sqrt(var), self.min_std)
             z = (value - mean) / std if count else 0.0
             out[f"ctrl/z_{key.removeprefix('ctrl/').removeprefix('p_')}"] = z
-            if count >= self.min_history and direction * z > self.threshold:
+            if self.spikes and count >= self.min_history and direction * z > self.threshold:
                 alarm = True
             # EMA of mean and variance (West's incremental form).
             delta = value - mean
             mean = mean + self.alpha * delta if count else value
             var = (1 - self.alpha) * (var + self.alpha * delta * delta) if count else 0.0
             self.stats[key] = [count + 1, mean, var]
+        for key, start in (self.health_start or {}).items():
+            if key in row:
+                out[key.replace("health_nll", "health_drift", 1)] = row[key] - start
+        for key in HEALTH_WATCHED:
+            drift = out.get(key)
+            if self.health_threshold and drift is not None and drift > self.health_threshold:
+                alarm = True
         out["ctrl/alarm"] = float(alarm)
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stats": {k: list(v) for k, v in self.stats.items()}}
+        return {"stats": {k: list(v) for k, v in self.stats.items()},
+                "health_start": self.health_start}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stats = {k: list(v) for k, v in state.get("stats", {}).items()}
+        self.health_start = state.get("health_start")
 
 
 def gradient_split(

@@ -10,8 +10,8 @@ A step is unhealthy on `ctrl/alarm` (with `on_alarm`), when `state/collapse` exc
 `collapse_threshold`, or when `state/pollution` exceeds `pollution_threshold` (off by default).
 Then, while actions remain (`max_actions`) and a snapshot exists, the guard asks for a rollback
 to the snapshot followed by its action: a corrective SFT phase on the recently failed tasks
-(`action=sft`, ETS-style with the `supervision.ets` settings) or a lower RL learning rate
-(`action=lower_lr`, times `lr_factor`).
+(`action=sft`, ETS-style with the `supervision.ets` settings) or none (`action=lower_lr`); every
+action also multiplies the RL learning rate by `lr_factor` for the rest of the run.
 Every decision is logged and shows in the metrics: `guard/action` (on the step it acted),
 `guard/actions` (the count so far), `guard/lr_scale`, `guard/snapshot_step`.
 """
@@ -85,17 +85,15 @@ class Guard:
             else:
                 self.actions += 1
                 decision.rollback, decision.action, decision.reason = True, self.cfg.action, reason
-                if self.cfg.action == "lower_lr":
-                    self.lr_scale *= self.cfg.lr_factor
+                self.lr_scale *= self.cfg.lr_factor
                 log.warning(
                     "guard: step %d unhealthy (%s): rolling back to the weights of step %d, then "
-                    "%s (action %d of %d)",
+                    "%sRL learning rate x%g from now on (action %d of %d)",
                     step,
                     reason,
                     self.snapshot_step,
-                    "a corrective SFT phase"
-                    if self.cfg.action == "sft"
-                    else f"RL learning rate x{self.lr_scale:g}",
+                    "a corrective SFT phase and " if self.cfg.action == "sft" else "",
+                    self.lr_scale,
                     self.actions,
                     self.cfg.max_actions,
                 )

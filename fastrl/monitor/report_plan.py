@@ -22,6 +22,7 @@ PROBES = (
         ("ctrl/turn_p_im_end", "ctrl/turn_p_tool_call", "ctrl/after_call_p_im_end"),
     ),
 )
+HEALTH = ("ctrl/health_drift", "ctrl/health_drift_turn_start", "ctrl/health_drift_all")
 DECISION = {  # series -> where the expert trajectory is probed
     "ctrl/habit_p_tool_call": "habit: last call, a teacher stopping early answers",
     "ctrl/first_p_tool_call": "first: first call, a guessing teacher answers",
@@ -401,6 +402,10 @@ def _rl_plots(tl: Timeline, config: dict[str, Any], summary: dict[str, Any]) -> 
         )
         for title, keys in PROBES
     ]
+    health = [series_of(pts, k, k.removeprefix("ctrl/")) for k in HEALTH]
+    if any(s.xs for s in health):  # the look-ahead health probe (its alarm rule, if on)
+        panels.append(Panel("health probe: drift from RL start, weights after each update",
+                            "nats", health))  # fmt: skip
     plots.append(
         plot(
             "rl_control_tokens.png",

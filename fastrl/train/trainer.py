@@ -55,7 +55,13 @@ from fastrl.config import Config
 from fastrl.envs import get_world
 from fastrl.envs.base import Task
 from fastrl.envs.procedural import ProceduralWorld
-from fastrl.eval import decision_probe, decision_probe_set, evaluate_policy
+from fastrl.eval import (
+    decision_probe,
+    decision_probe_set,
+    evaluate_policy,
+    health_probe,
+    health_probe_set,
+)
 from fastrl.monitor.control_tokens import SpikeAlarm
 from fastrl.monitor.guard import SNAPSHOT_CANDIDATE, SNAPSHOT_TAG, Decision, Guard
 from fastrl.monitor.log import MetricLogger, nvtx_range
@@ -241,6 +247,8 @@ def run_plan(cfg: Config, resume: bool, stop: StopRequest) -> dict[str, Any]:
             log.info("teacher success on test: %.3f", state.results["teacher_success"])
 
     def baseline() -> None:  # success of the policy RL starts from, on every evaluated split
+        if not cfg.eval.before_rl:
+            return
         for split in ["test", *(s for s in cfg.eval.splits if s != "test")]:
             key = "sft_success" if split == "test" else f"sft_{split}_success"
             if key not in state.results:
@@ -266,9 +274,14 @@ def run_plan(cfg: Config, resume: bool, stop: StopRequest) -> dict[str, Any]:
     # ----------------------------------------------------------------------- final evaluation
     results = state.results
     if "rl_success" not in results:
+        no_rl = not any(p.kind == "rl" for p in plan)  # the weights baseline() evaluated
         for split in cfg.eval.splits:
             key = f"{split}_success" if split != "test" else "rl_success"
-            results[key] = run.evaluate(split)["success"]
+            before = f"sft_{split}_success" if split != "test" else "sft_success"
+            if no_rl and before in results:
+                results[key] = results[before]
+            else:
+                results[key] = run.evaluate(split)["success"]
         run.checkpoint()
     logger.close()
     with run.full_weights():
@@ -381,7 +394,8 @@ def rl_phase(run: Run, phase: Phase) -> None:
     mix_stream = task_stream(demos, cfg.seed + 2, state.mix_position)
     run.engine.sync_weights()  # after SFT or a resume, the engine still holds older weights
     m = cfg.monitor
-    alarm = SpikeAlarm(m.alarm_threshold, m.alarm_min_history, m.alarm_alpha)
+    alarm = SpikeAlarm(m.alarm_threshold, m.alarm_min_history, m.alarm_alpha,
+                       health_threshold=m.health_threshold, spikes=m.spike_alarm)  # fmt: skip
     alarm.load_state_dict(state.monitor)
     failures = FailureLog()
     failures.load_state_dict(state.failures)
@@ -394,10 +408,18 @@ def rl_phase(run: Run, phase: Phase) -> None:
         state.guard = guard.state_dict()
         run.checkpoint(SNAPSHOT_CANDIDATE)
     ids = run.spec.ids or probe_ids(run.tokenizer)  # raises, naming a missing control token
-    probe = []
+    probe, health = [], []
     if m.decision_probe_tasks:
         held_out = run.eval_sets["test"][: m.decision_probe_tasks]
         probe = decision_probe_set(run.tokenizer, run.world, held_out, run.limits)
+        health = health_probe_set(run.tokenizer, run.world, held_out, run.limits)
+
+    def probe_health() -> dict[str, float]:
+        return health_probe(model, health, ids, run.spec.pad_id, run.spec.max_tokens,
+                            run.spec.packing)  # fmt: skip
+
+    if health and alarm.health_start is None:  # the weights RL starts from
+        alarm.health_start = probe_health()
     while state.phase_step < phase.steps:
         t_step = time.time()
         # -- the decision probe, on the policy that samples this step
@@ -446,6 +468,12 @@ def rl_phase(run: Run, phase: Phase) -> None:
             row.update(policy_update(model, optimizer, trained, trajs, lr, run.spec,
                                      ref_model=ref_model, experts=experts, mixed_weight=mu,
                                      dist=run.dist))  # fmt: skip
+        if health and row.get("train/updates", 0):
+            # -- the health probe looks ahead: it scores the weights this update produced, which
+            # sample the next step, so a broken update shows before anything samples with it.
+            t_h = time.time()
+            row.update(probe_health())
+            row["time/health_probe"] = time.time() - t_h
         row = run.dist.reduce_row(row)
         row.update(alarm.update(row))
         state.monitor = alarm.state_dict()
