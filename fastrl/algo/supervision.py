@@ -22,6 +22,7 @@ dynamic sampling) from a shuffled task stream (`task_stream`).
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,6 +158,23 @@ def demonstrated(tasks: list[Task], max_expert_calls: int) -> list[Task]:
     if not chosen:
         raise ConfigError("sft.max_expert_calls: no train task has so few expert calls")
     return chosen
+
+
+class Replay:
+    """`sft.replay`: pretraining transcripts mixed into SFT batches. The procedural world's train
+    tasks of the base's recipe (`pretrain.tasks`, `pretrain.seed`); each step's draw depends on
+    the seed, the phase and the step alone, so a resumed run draws the same."""
+
+    def __init__(self, n_tasks: int, task_seed: int, seed: int):
+        from fastrl.envs.procedural import ProceduralWorld
+
+        self.world = ProceduralWorld()
+        self.tasks = self.world.tasks("train", n_tasks, task_seed)
+        self.seed = seed
+
+    def draw(self, phase: str, step: int, n: int) -> list[Task]:
+        rng = random.Random(f"replay/{self.seed}/{phase}/{step}")
+        return [self.tasks[i] for i in rng.sample(range(len(self.tasks)), n)]
 
 
 # --------------------------------------------------------------------------- RL groups

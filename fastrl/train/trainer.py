@@ -30,7 +30,6 @@ import dataclasses
 import json
 import logging
 import math
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from fastrl.algo.corrective import FailureLog, corrective_data, get_reflector
 from fastrl.algo.losses import mixed_sft_weight
 from fastrl.algo.schedule import Phase, build_plan, describe
 from fastrl.algo.supervision import (
+    Replay,
     demonstrated,
     draw,
     play_experts,
@@ -54,7 +54,6 @@ from fastrl.algo.supervision import (
 from fastrl.config import Config
 from fastrl.envs import get_world
 from fastrl.envs.base import Task
-from fastrl.envs.procedural import ProceduralWorld
 from fastrl.eval import (
     decision_probe,
     decision_probe_set,
@@ -328,8 +327,7 @@ def sft_phase(run: Run, phase: Phase, tasks: list[Task]) -> None:
     warmup = int(cfg.sft.warmup_ratio * phase.steps)
     habits = build.teacher_habits(cfg)
     stream = task_stream(tasks, cfg.seed, state.sft_position)
-    replay = ProceduralWorld() if cfg.sft.replay else None
-    replay_tasks = replay.tasks("train", cfg.pretrain.tasks, cfg.pretrain.seed) if replay else []
+    replay = Replay(cfg.pretrain.tasks, cfg.pretrain.seed, cfg.seed) if cfg.sft.replay else None
     while state.phase_step < phase.steps:
         batch_tasks, state.sft_position = draw(stream, cfg.sft.batch_size)
         mine = run.share(batch_tasks)
@@ -337,10 +335,9 @@ def sft_phase(run: Run, phase: Phase, tasks: list[Task]) -> None:
             trajs = play_experts(run.tokenizer, run.world, mine, run.limits, solved_only=True)
         else:
             trajs = play_teacher(run.tokenizer, run.world, mine, run.limits, habits, cfg.seed)
-        if replay is not None:  # the step's draw depends on the step alone (resumable)
-            rng = random.Random(f"replay/{cfg.seed}/{phase.name}/{state.phase_step}")
-            drawn = [replay_tasks[i] for i in rng.sample(range(len(replay_tasks)), cfg.sft.replay)]
-            trajs += play_experts(run.tokenizer, replay, run.share(drawn), run.limits,
+        if replay is not None:
+            drawn = replay.draw(phase.name, state.phase_step, cfg.sft.replay)
+            trajs += play_experts(run.tokenizer, replay.world, run.share(drawn), run.limits,
                                   solved_only=True)  # fmt: skip
         lr = cfg.sft.lr * lr_factor(state.phase_step, phase.steps, warmup, cfg.sft.schedule)
         log_sft_row(run, phase.name, sft_step(run.model, optimizer, trajs, lr, run.spec, run.dist))
