@@ -26,6 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 from fastrl.monitor.report_plan import read_metrics  # noqa: E402
 
+HEALTH = ("ctrl/health_drift", "ctrl/health_drift_all")  # what the alarm's health rule watches
+HEALTH_THRESHOLD = 0.15  # monitor.health_threshold's default
+
 CELLS = (  # table order
     "vanilla_rl", "sft_rl", "sft_rl_high", "guard", "guard_lr",
     "ops", "ops_high", "ops_luffy", "ops_luffy_high", "hbg", "hbg_high",
@@ -181,12 +184,13 @@ def figures(exp: Path, out: Path) -> list[Path]:
         fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
         for cell, r in runs:
             rows = rl_rows(read_metrics(exp / r["run"]))
-            drift = [row.get("ctrl/health_drift") for row in rows]
             color = "tab:green" if cell == "sft_rl" else "tab:red"
             steps = range(1, len(rows) + 1)
             axes[0].plot(steps, r["success"], color=color, lw=1)
-            axes[1].plot(steps, [d if d is not None else float("nan") for d in drift],
-                         color=color, lw=1)  # fmt: skip
+            drift = [(i, max(row.get(k, -1e9) for k in HEALTH)) for i, row in enumerate(rows, 1)
+                     if any(k in row for k in HEALTH)]  # fmt: skip
+            if drift:
+                axes[1].plot(*zip(*drift), "o-", color=color, lw=1, ms=3)
             for a in r["alarms"][:1]:
                 for ax in axes:
                     ax.axvline(a, color=color, ls="--", lw=0.8)
@@ -194,8 +198,12 @@ def figures(exp: Path, out: Path) -> list[Path]:
                 axes[0].plot([r["fall"]], [r["success"][r["fall"] - 1]], "v", color="k")
         axes[0].set(ylabel="sampled success", title="sft_rl (green), sft_rl_high (red): first "
                     "alarm dashed, fall ▼")  # fmt: skip
-        axes[1].set(xlabel="RL step (health probe: weights after that step's update)",
-                    ylabel="ctrl/health_drift (nats)")  # fmt: skip
+        axes[1].axhline(HEALTH_THRESHOLD, color="gray", ls=":", lw=1)
+        axes[1].set(
+            xlabel="RL step (health probe: weights after that step's update)",
+            ylabel="health drift (nats)",
+            title="max(ctrl/health_drift, ctrl/health_drift_all); dotted: threshold",
+        )
         save(fig, "alarm_lead.png")
 
     # 3. supervision: greedy test success after RL per cell, both learning rates.
