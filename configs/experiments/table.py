@@ -167,16 +167,43 @@ def figures(exp: Path, out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    # 1. collapse and the guard: sampled success per RL step, every seed.
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for cell, color in (("sft_rl", "tab:green"), ("sft_rl_high", "tab:red"),
-                        ("guard", "tab:blue"), ("guard_lr", "tab:purple")):  # fmt: skip
-        curves(ax, cell, color)
+    # 1. collapse: sampled success per RL step, every seed, at the two rates.
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for cell, color in (("sft_rl", "tab:green"), ("sft_rl_high", "tab:red")):
+        curves(ax, cell, color, f"{cell} (lr {'1e-3' if 'high' in cell else '1e-4'})")
     ax.set(xlabel="RL step", ylabel="sampled success (success/mean)",
-           title="Stable lr, collapsing lr, and the collapsing lr with the guard "
-           "(dotted: guard actions)")  # fmt: skip
+           title="Plain GRPO from the SFT checkpoint, every seed")  # fmt: skip
     ax.legend(fontsize=8)
-    save(fig, "collapse_and_guard.png")
+    save(fig, "collapse.png")
+
+    # 3. the guard: the collapsing rate without and with it.
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for cell, color in (("sft_rl_high", "tab:red"), ("guard", "tab:blue"),
+                        ("guard_lr", "tab:purple"), ("sft_rl", "tab:green")):  # fmt: skip
+        curves(ax, cell, color)
+    ax.set(
+        xlabel="RL step",
+        ylabel="sampled success (success/mean)",
+        title="lr 1e-3 without and with the guard (dotted: guard actions); sft_rl at 1e-4",
+    )
+    ax.legend(fontsize=8)
+    save(fig, "guard.png")
+
+    # 4. supervision: mean sampled success over seeds per RL step, each mode at 1e-3.
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    palette = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for cell in ("sft_rl_high", "ops_high", "ops_luffy_high", "hbg_high", "mixed_sft_high",
+                 "ets_high", "prs_high"):  # fmt: skip
+        rs = runs_of(exp, cell)
+        if not rs:
+            continue
+        n = min(len(r["success"]) for r in rs)
+        mean = [statistics.fmean(r["success"][i] for r in rs) for i in range(n)]
+        ax.plot(range(1, n + 1), mean, color=next(palette), lw=1.2, label=f"{cell} ({len(rs)})")
+    ax.set(xlabel="RL step", ylabel="sampled success, mean over seeds",
+           title="Supervision at the collapsing rate (seeds in brackets)")  # fmt: skip
+    ax.legend(fontsize=7, ncol=2)
+    save(fig, "supervision_curves.png")
 
     # 2. the alarm: the health probe's drift and sampled success around the fall.
     runs = [(c, r) for c in ("sft_rl", "sft_rl_high") for r in runs_of(exp, c)]
@@ -206,7 +233,7 @@ def figures(exp: Path, out: Path) -> list[Path]:
         )
         save(fig, "alarm_lead.png")
 
-    # 3. supervision: greedy test success after RL per cell, both learning rates.
+    # 5. every cell: greedy test success after RL, both learning rates.
     cells = [c for c in CELLS if runs_of(exp, c)]
     if cells:
         fig, ax = plt.subplots(figsize=(9, 4))
