@@ -58,3 +58,6 @@ def test_fall_lead_and_collapse(tmp_path):
     assert r["fall"] == 5 and r["alarms"] == [3, 6] and r["lead"] == 2
     assert r["start"] == 0.6 and r["collapsed"]  # start read from the seed's SFT run
     assert "| sft_rl_high | 1 | 0.60 → 0.10 |" in t.table(tmp_path)
+    assert "| +2 (alarm 3, fall 5) |" in t.table(tmp_path)
+    (run / "summary.json").write_text(json.dumps({"sft_success": None, "rl_success": 0.1}))
+    assert t.analyse(run)["start"] == 0.6  # null: not evaluated before RL

@@ -62,7 +62,7 @@ def analyse(run_dir: Path) -> dict:
     # A cell run with eval.before_rl=false takes its start from its seed's SFT run.
     seed = run_dir.name.rsplit("_s", 1)[-1]
     sft_run = run_dir.parent / f"sft_base_s{seed}" / "summary.json"
-    if "sft_success" not in summary and sft_run.is_file():
+    if summary.get("sft_success") is None and sft_run.is_file():
         sft = json.loads(sft_run.read_text())
         summary["sft_success"] = sft.get("rl_success")
         for split in ("format_ood", "content_ood"):
@@ -114,7 +114,7 @@ def lead_text(r: dict) -> str:
         return f"no fall, alarm {r['alarms'][0]}" if r["alarms"] else "no fall, no alarm"
     if not r["alarms"]:
         return f"fall {r['fall']}, no alarm"
-    return f"{r['lead']:+d}"
+    return f"{r['lead']:+d} (alarm {r['alarms'][0]}, fall {r['fall']})"
 
 
 def table(exp: Path) -> str:
