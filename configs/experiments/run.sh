@@ -7,6 +7,7 @@
 #   configs/experiments/run.sh sft_rl_high guard        # some cells
 #   SEEDS="1 2" configs/experiments/run.sh guard        # some seeds
 #   nohup configs/experiments/run.sh > runs/exp.log 2>&1 &    # in the background
+# One run at a time: two runs sharing 2 CPU cores were each up to 8x slower than one alone.
 # Then: .venv/bin/python configs/experiments/table.py   # the results table (mean and spread)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
