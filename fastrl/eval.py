@@ -1,6 +1,8 @@
 """Evaluation of a policy on a split: greedy success, sampled success and pass@k, the expert
 probe (how the policy scores each task's expert trajectory under teacher forcing), and the
-trainer's decision probe (p(`<tool_call>`) where the expert decides to call or to answer).
+trainer's two probes: the decision probe (p(`<tool_call>`) where the expert decides to call or to
+answer) and the health probe (the expert's NLL at control positions and over every token, which
+the alarm watches on the weights each update produces).
 
 `evaluate_split` builds the policy and engine a config names and runs these (`fastrl.api.evaluate`,
 `fastrl eval`); the trainer calls `evaluate_policy` for its own test evaluations.
