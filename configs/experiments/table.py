@@ -240,11 +240,15 @@ def figures(exp: Path, out: Path) -> list[Path]:
         for x, cell in enumerate(cells):
             rs = runs_of(exp, cell)
             ax.scatter([x] * len(rs), [r["test"] for r in rs], color="k", s=12, zorder=3)
+            high = cell.endswith("high") or cell.startswith("guard")
             ax.bar(x, statistics.fmean(r["test"] for r in rs),
-                   color="tab:red" if cell.endswith("high") else "tab:blue", alpha=0.6)  # fmt: skip
-        starts = [r["start"] for c in cells for r in runs_of(exp, c) if r["start"] is not None]
+                   color="tab:red" if high else "tab:blue", alpha=0.6)  # fmt: skip
+        starts = [r["start"] for c in cells if c != "vanilla_rl" for r in runs_of(exp, c)
+                  if r["start"] is not None]  # fmt: skip
         if starts:
-            ax.axhline(statistics.fmean(starts), color="gray", ls="--", lw=1, label="start")
+            ax.axhline(
+                statistics.fmean(starts), color="gray", ls="--", lw=1, label="SFT checkpoint"
+            )
         ax.set_xticks(range(len(cells)), cells, rotation=45, ha="right", fontsize=8)
         ax.set(ylabel="greedy test success after RL",
                title="Every cell, every seed (red: collapsing lr)")  # fmt: skip
