@@ -253,12 +253,16 @@ def probe_row(
 
 
 # --------------------------------------------------------------------------- decision probe
-def decision_probe_set(tokenizer, world, tasks: list[Task], limits: Limits) -> list[Trajectory]:
-    """The decision probe's data: the expert trajectories of `tasks` (held out) that solve them,
-    with a loss mask on each message after a question or a tool result (`decision_positions`)."""
+def decision_probe_set(
+    tokenizer, world, tasks: list[Task], limits: Limits, experts: list[Trajectory] | None = None
+) -> list[Trajectory]:
+    """The decision probe's data: the expert trajectories of `tasks` (held out) that solve them
+    (`experts` when already played: `health_probe_set`), with a loss mask on each message after
+    a question or a tool result (`decision_positions`)."""
     habit_turns = {t.id: ["stop_early" in a for a in applicable(t)] for t in tasks}
-    trajs = play_experts(tokenizer, world, tasks, limits, solved_only=True)
-    probe = [decision_positions(t, habit_turns[t.task_id]) for t in trajs]
+    if experts is None:
+        experts = play_experts(tokenizer, world, tasks, limits, solved_only=True)
+    probe = [decision_positions(t, habit_turns[t.task_id]) for t in experts]
     return [t for t in probe if t.info["kinds"]]
 
 

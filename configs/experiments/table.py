@@ -16,6 +16,7 @@ from 1; the SFT rows of corrective and guard phases are left out):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -87,7 +88,8 @@ def analyse(run_dir: Path) -> dict:
     }
 
 
-def runs_of(exp: Path, cell: str) -> list[dict]:
+@functools.cache
+def runs_of(exp: Path, cell: str) -> list[dict]:  # read once per cell: the figures reuse them
     found = []
     for d in sorted(exp.glob(f"{cell}_s*")):
         seed = d.name[len(cell) + 2 :]

@@ -288,8 +288,8 @@ def rl_phase(run: Run, phase: Phase) -> None:
     probe, health = [], []
     if m.decision_probe_tasks:
         held_out = run.eval_sets["test"][: m.decision_probe_tasks]
-        probe = decision_probe_set(run.tokenizer, run.world, held_out, run.limits)
         health = health_probe_set(run.tokenizer, run.world, held_out, run.limits)
+        probe = decision_probe_set(run.tokenizer, run.world, held_out, run.limits, health)
 
     def probe_health() -> dict[str, float]:
         return health_probe(model, health, ids, run.spec.pad_id, run.spec.max_tokens,
