@@ -300,6 +300,11 @@ class MonitorConfig:
     # on the decision probe's held-out trajectories, scored on the weights each update produced
     # before they sample. 0 turns the rule off (as does decision_probe_tasks=0: no probe set).
     health_threshold: float = 0.15
+    # ctrl/alarm also fires when the share of structurally polluted sampled turns
+    # (state/pollution) rises more than this above its value on the first RL step's samples
+    # (ctrl/pollution_drift): it catches collapses the health probe misses when supervision
+    # trains on expert trajectories like the probe's (OPS, mixed SFT). 0 turns the rule off.
+    pollution_threshold: float = 0.25
     # Held-out test tasks whose expert trajectories the decision probe scores every RL step:
     # p(<tool_call>) after each question and tool result, where the expert makes a turn's last
     # call (ctrl/habit_p_tool_call; a teacher that stops early answers there), its first call
@@ -554,6 +559,7 @@ class Config:
             ("monitor.alarm_min_history", self.monitor.alarm_min_history >= 1, ">= 1"),
             ("monitor.alarm_alpha", 0 < self.monitor.alarm_alpha <= 1, "in (0, 1]"),
             ("monitor.health_threshold", self.monitor.health_threshold >= 0, ">= 0"),
+            ("monitor.pollution_threshold", 0 <= self.monitor.pollution_threshold <= 1, "[0, 1]"),
             ("monitor.decision_probe_tasks", self.monitor.decision_probe_tasks >= 0, ">= 0"),
             ("monitor.idle_metric_tokens", self.monitor.idle_metric_tokens >= 0, ">= 0"),
             ("rl.tis_cap", self.rl.tis_cap is None or self.rl.tis_cap > 0, "> 0 or null"),

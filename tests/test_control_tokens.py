@@ -91,3 +91,20 @@ def test_the_spike_rule_can_be_turned_off():
         off.update({"ctrl/p_im_end": v})
     assert on.update({"ctrl/p_im_end": 0.9})["ctrl/alarm"] == 1.0
     assert off.update({"ctrl/p_im_end": 0.9})["ctrl/alarm"] == 0.0
+
+
+def test_pollution_drift_alarm_measures_from_the_first_rl_step_and_only_upwards():
+    alarm = SpikeAlarm(pollution_threshold=0.25, spikes=False)
+    first = alarm.update({"state/pollution": 0.1})  # the RL-start samples set the baseline
+    assert first["ctrl/alarm"] == 0.0 and first["ctrl/pollution_drift"] == 0.0
+    assert alarm.update({"state/pollution": 0.0})["ctrl/pollution_drift"] == pytest.approx(-0.1)
+    assert alarm.update({"state/pollution": 0.34})["ctrl/alarm"] == 0.0  # drift 0.24
+    assert alarm.update({"state/pollution": 0.36})["ctrl/alarm"] == 1.0  # drift 0.26
+    assert alarm.update({})["ctrl/alarm"] == 0.0  # no samples scored: no verdict
+    copy = SpikeAlarm(pollution_threshold=0.25, spikes=False)
+    copy.load_state_dict(alarm.state_dict())
+    assert copy.update({"state/pollution": 0.4})["ctrl/alarm"] == 1.0  # the start survives
+    assert copy.update({"state/pollution": 0.2})["ctrl/alarm"] == 0.0
+    off = SpikeAlarm(pollution_threshold=0.0, spikes=False)
+    off.update({"state/pollution": 0.0})
+    assert off.update({"state/pollution": 1.0})["ctrl/alarm"] == 0.0

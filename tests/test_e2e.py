@@ -106,6 +106,10 @@ def test_smoke_run_writes_everything(smoke_run, capsys):
         rows[-1][f"state/{s}"] for s in ("healthy_call", "healthy_text", "pollution", "collapse")
     ]
     assert sum(states) == pytest.approx(1.0)
+    rl = [r for r in rows if r["phase"] == "rl"]  # the alarm's pollution rule: from RL start
+    assert rl[0]["ctrl/pollution_drift"] == 0.0
+    drift = rl[1]["state/pollution"] - rl[0]["state/pollution"]
+    assert rl[1]["ctrl/pollution_drift"] == pytest.approx(drift)
     assert all(r["loss"] == r["loss"] for r in rows)  # no NaN
     assert rows[0]["loss"] > 0
     assert (smoke_run / "config.yaml").exists()

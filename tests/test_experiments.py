@@ -61,3 +61,16 @@ def test_fall_lead_and_collapse(tmp_path):
     assert "| +2 (alarm 3, fall 5) |" in t.table(tmp_path)
     (run / "summary.json").write_text(json.dumps({"sft_success": None, "rl_success": 0.1}))
     assert t.analyse(run)["start"] == 0.6  # null: not evaluated before RL
+
+
+def test_alarm_steps_replays_the_pollution_rule_over_logged_rows(tmp_path):
+    t = _table()
+    rows = [{"state/pollution": p, "ctrl/alarm": float(i == 4)}
+            for i, p in enumerate([0.05, 0.1, 0.31, 0.2, 0.0])]  # fmt: skip
+    assert t.alarm_steps(rows, 0.25) == [3, 5]  # 0.31 - 0.05 > 0.25; step 5 was logged
+    assert t.alarm_steps(rows, 0.0) == [5]  # rule off: the logged alarm only
+    run = tmp_path / "ops_high_s0"
+    run.mkdir()
+    assert t.pollution_threshold(run) == 0.25  # no config.yaml: the default
+    (run / "config.yaml").write_text("monitor:\n  pollution_threshold: 0.4\n")
+    assert t.pollution_threshold(run) == 0.4

@@ -9,7 +9,11 @@ from 1; the SFT rows of corrective and guard phases are left out):
 - fall: the first RL step after the first 3 whose sampled success (`success/mean`) is below half
   of its mean over RL steps 1-3 (none when it never is, or when that mean is 0). The first 3 are
   the baseline, not candidates: one step's 8 tasks can be much harder than the next's;
-- alarm: the first RL step with `ctrl/alarm`; lead = fall - alarm (positive: the alarm came first);
+- alarm: the first RL step with `ctrl/alarm`; lead = fall - alarm (positive: the alarm came first).
+  Runs logged before the alarm had its pollution rule (monitor.pollution_threshold) get the rule
+  replayed over their logged `state/pollution` by the trainer's own `SpikeAlarm`: without the
+  guard the alarm feeds nothing back into training, so the replay is what the run would have
+  logged (for runs logged with the rule it changes nothing);
 - collapsed: greedy test success after RL below half of the starting checkpoint's (`sft_success`).
 """
 
@@ -22,9 +26,13 @@ import statistics
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from fastrl.config import MonitorConfig  # noqa: E402
+from fastrl.monitor.control_tokens import SpikeAlarm  # noqa: E402
 from fastrl.monitor.report_plan import read_metrics  # noqa: E402
 
 HEALTH = ("ctrl/health_drift", "ctrl/health_drift_all")  # what the alarm's health rule watches
@@ -52,11 +60,30 @@ def fall_step(success: list[float]) -> int | None:
     return next((i + 1 for i, s in enumerate(success) if i >= 3 and s < 0.5 * base), None)
 
 
+def pollution_threshold(run_dir: Path) -> float:
+    """The run's monitor.pollution_threshold (the default for runs whose config predates it)."""
+    path = run_dir / "config.yaml"
+    monitor = ((yaml.safe_load(path.read_text()) if path.is_file() else None) or {}).get("monitor")
+    monitor = monitor or {}
+    return float(monitor.get("pollution_threshold", MonitorConfig().pollution_threshold))
+
+
+def alarm_steps(rl: list[dict], threshold: float) -> list[int]:
+    """RL steps (1-based) with `ctrl/alarm` logged or the pollution rule's verdict on the row."""
+    replay = SpikeAlarm(spikes=False, pollution_threshold=threshold)
+    steps = []
+    for i, r in enumerate(rl):
+        polluted = replay.update(r)["ctrl/alarm"] > 0  # fed every row: the first sets the start
+        if polluted or (r.get("ctrl/alarm") or 0) > 0:
+            steps.append(i + 1)
+    return steps
+
+
 def analyse(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     rl = rl_rows(read_metrics(run_dir))
     success = [float(r.get("success/mean", 0.0)) for r in rl]
-    alarms = [i + 1 for i, r in enumerate(rl) if (r.get("ctrl/alarm") or 0) > 0]
+    alarms = alarm_steps(rl, pollution_threshold(run_dir))
     actions = [(i + 1, r["guard/action"]) for i, r in enumerate(rl) if r.get("guard/action")]
     fall = fall_step(success)
     first = alarms[0] if alarms else None

@@ -23,6 +23,13 @@ alarm rule. `SpikeAlarm` has two:
   when either rises more than `health_threshold` nats above its value on the weights RL started
   from (`ctrl/health_drift`, `ctrl/health_drift_all`). Teacher-forced on fixed data it has no
   sampling noise, and it looks one step ahead of every sampled metric.
+- the pollution rule (`pollution_threshold`): the share of the step's sampled turns that are
+  structurally polluted (`state/pollution`: a call body holding `<tool_call>`, stray text around
+  a call, ...; fastrl.monitor.states) rising more than `pollution_threshold` above its value on
+  the first RL step's samples (`ctrl/pollution_drift`). It sees what the health probe cannot when
+  a supervision mode trains on expert trajectories like the probe's own (OPS, mixed SFT): the
+  expert's tokens stay likely while the policy's own samples fill with control tokens, before
+  success falls (docs/EXPERIMENTS.md).
 
 Those probes sit in the policy's own samples, so they mix decisions. The *decision probe* holds
 the positions still: on a fixed set of held-out expert trajectories (`monitor.decision_probe_tasks`
@@ -70,9 +77,11 @@ class SpikeAlarm:
         min_std: float = 0.01,
         health_threshold: float = 0.0,
         spikes: bool = True,
+        pollution_threshold: float = 0.0,
     ):
         self.threshold = threshold
         self.health_threshold = health_threshold  # nats of ctrl/health_drift; 0: off
+        self.pollution_threshold = pollution_threshold  # share of turns; 0: off
         self.spikes = spikes  # the EMA z-score rule on the sampled series
         self.min_history = min_history
         self.alpha = alpha
@@ -80,6 +89,8 @@ class SpikeAlarm:
         self.stats: dict[str, list[float]] = {}  # series -> [count, mean, var]
         # The health probe (`ctrl/health_nll*`) of the weights RL started from.
         self.health_start: dict[str, float] | None = None
+        # `state/pollution` of the first RL step's samples (the weights RL started from).
+        self.pollution_start: float | None = None
 
     def update(self, row: dict[str, Any]) -> dict[str, float]:
         """Fold this step's values in; returns `ctrl/alarm` (0/1) and `ctrl/z_<name>`."""
@@ -107,16 +118,28 @@ class SpikeAlarm:
             drift = out.get(key)
             if self.health_threshold and drift is not None and drift > self.health_threshold:
                 alarm = True
+        pollution = row.get("state/pollution")
+        if pollution is not None and math.isfinite(pollution):
+            if self.pollution_start is None:
+                self.pollution_start = pollution
+            drift = pollution - self.pollution_start
+            out["ctrl/pollution_drift"] = drift
+            if self.pollution_threshold and drift > self.pollution_threshold:
+                alarm = True
         out["ctrl/alarm"] = float(alarm)
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stats": {k: list(v) for k, v in self.stats.items()},
-                "health_start": self.health_start}  # fmt: skip
+        return {
+            "stats": {k: list(v) for k, v in self.stats.items()},
+            "health_start": self.health_start,
+            "pollution_start": self.pollution_start,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stats = {k: list(v) for k, v in state.get("stats", {}).items()}
         self.health_start = state.get("health_start")
+        self.pollution_start = state.get("pollution_start")
 
 
 def gradient_split(

@@ -272,7 +272,8 @@ def rl_phase(run: Run, phase: Phase) -> None:
     run.engine.sync_weights()  # after SFT or a resume, the engine still holds older weights
     m = cfg.monitor
     alarm = SpikeAlarm(m.alarm_threshold, m.alarm_min_history, m.alarm_alpha,
-                       health_threshold=m.health_threshold, spikes=m.spike_alarm)  # fmt: skip
+                       health_threshold=m.health_threshold, spikes=m.spike_alarm,
+                       pollution_threshold=m.pollution_threshold)  # fmt: skip
     alarm.load_state_dict(state.monitor)
     failures = FailureLog()
     failures.load_state_dict(state.failures)
