@@ -36,7 +36,8 @@ from fastrl.monitor.control_tokens import SpikeAlarm  # noqa: E402
 from fastrl.monitor.report_plan import read_metrics  # noqa: E402
 
 HEALTH = ("ctrl/health_drift", "ctrl/health_drift_all")  # what the alarm's health rule watches
-HEALTH_THRESHOLD = 0.15  # monitor.health_threshold's default
+HEALTH_THRESHOLD = MonitorConfig().health_threshold  # the defaults the figures mark
+POLLUTION_THRESHOLD = MonitorConfig().pollution_threshold
 
 CELLS = (  # table order
     "vanilla_rl", "sft_rl", "sft_rl_high", "guard", "guard_lr",
@@ -234,31 +235,40 @@ def figures(exp: Path, out: Path) -> list[Path]:
     ax.legend(fontsize=7, ncol=2)
     save(fig, "supervision_curves.png")
 
-    # 2. the alarm: the health probe's drift and sampled success around the fall.
-    runs = [(c, r) for c in ("sft_rl", "sft_rl_high") for r in runs_of(exp, c)]
+    # 2. the alarm: its two rules' statistics and sampled success around the fall.
+    colors = {"sft_rl": "tab:green", "sft_rl_high": "tab:red", "ops_high": "tab:orange"}
+    runs = [(c, r) for c in colors for r in runs_of(exp, c)]
     if runs:
-        fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+        fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
         for cell, r in runs:
             rows = rl_rows(read_metrics(exp / r["run"]))
-            color = "tab:green" if cell == "sft_rl" else "tab:red"
+            color = colors[cell]
             steps = range(1, len(rows) + 1)
             axes[0].plot(steps, r["success"], color=color, lw=1)
             drift = [(i, max(row.get(k, -1e9) for k in HEALTH)) for i, row in enumerate(rows, 1)
                      if any(k in row for k in HEALTH)]  # fmt: skip
             if drift:
                 axes[1].plot(*zip(*drift), "o-", color=color, lw=1, ms=3)
+            polluted = [row.get("state/pollution", 0.0) for row in rows]
+            axes[2].plot(steps, [p - polluted[0] for p in polluted], "o-", color=color, lw=1,
+                         ms=3)  # fmt: skip
             for a in r["alarms"][:1]:
                 for ax in axes:
                     ax.axvline(a, color=color, ls="--", lw=0.8)
             if r["fall"]:
                 axes[0].plot([r["fall"]], [r["success"][r["fall"] - 1]], "v", color="k")
-        axes[0].set(ylabel="sampled success", title="sft_rl (green), sft_rl_high (red): first "
-                    "alarm dashed, fall ▼")  # fmt: skip
+        axes[0].set(ylabel="sampled success", title="sft_rl (green), sft_rl_high (red), ops_high "
+                    "(orange): first alarm dashed, fall ▼")  # fmt: skip
         axes[1].axhline(HEALTH_THRESHOLD, color="gray", ls=":", lw=1)
         axes[1].set(
-            xlabel="RL step (health probe: weights after that step's update)",
             ylabel="health drift (nats)",
-            title="max(ctrl/health_drift, ctrl/health_drift_all); dotted: threshold",
+            title="health rule: ctrl/health_drift(_all), after the step's update; dotted: threshold",
+        )
+        axes[2].axhline(POLLUTION_THRESHOLD, color="gray", ls=":", lw=1)
+        axes[2].set(
+            xlabel="RL step",
+            ylabel="pollution drift",
+            title="pollution rule: state/pollution of the step's samples minus RL step 1's",
         )
         save(fig, "alarm_lead.png")
 
