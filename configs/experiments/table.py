@@ -262,7 +262,7 @@ def figures(exp: Path, out: Path) -> list[Path]:
         axes[1].axhline(HEALTH_THRESHOLD, color="gray", ls=":", lw=1)
         axes[1].set(
             ylabel="health drift (nats)",
-            title="health rule: ctrl/health_drift(_all), after the step's update; dotted: threshold",
+            title="health rule: ctrl/health_drift(_all) after the step's update; dotted: threshold",
         )
         axes[2].axhline(POLLUTION_THRESHOLD, color="gray", ls=":", lw=1)
         axes[2].set(
