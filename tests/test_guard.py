@@ -34,6 +34,9 @@ def test_guard_confirms_snapshots_a_step_late_and_rolls_back():
     assert row["guard/action"] == "rollback+sft" and row["guard/actions"] == 1
     d = g.observe(4, {"state/collapse": 0.9})
     assert not d.rollback  # no actions left
+    why = g.unhealthy_reason({"ctrl/alarm": 1.0, "ctrl/health_drift": 0.02,
+                              "ctrl/pollution_drift": 0.31})  # fmt: skip
+    assert why == "ctrl/alarm (health_drift +0.02, pollution_drift +0.31)"  # which rule fired
     polluted = Guard(load_config(None, ["guard.pollution_threshold=0.5"]).guard)
     assert polluted.unhealthy_reason({"state/pollution": 0.6}) == "state/pollution 0.60 > 0.5"
     assert not polluted.unhealthy_reason({"state/pollution": 0.4, "state/collapse": 0.2})

@@ -27,6 +27,8 @@ from fastrl.config import GuardConfig
 log = logging.getLogger(__name__)
 
 SNAPSHOT_TAG = "healthy"
+# what the alarm's rules watch (fastrl.monitor.control_tokens), named in the guard's log line
+ALARM_DRIFTS = ("ctrl/health_drift", "ctrl/health_drift_all", "ctrl/pollution_drift")
 SNAPSHOT_CANDIDATE = "healthy_candidate"
 
 
@@ -54,7 +56,8 @@ class Guard:
         """Why this step's metrics call for action ('' when they do not)."""
         reasons = []
         if self.cfg.on_alarm and row.get("ctrl/alarm"):
-            reasons.append("ctrl/alarm")
+            drifts = [f"{k.removeprefix('ctrl/')} {row[k]:+.2f}" for k in ALARM_DRIFTS if k in row]
+            reasons.append(f"ctrl/alarm ({', '.join(drifts)})" if drifts else "ctrl/alarm")
         collapse = row.get("state/collapse", 0.0) or 0.0
         if self.cfg.collapse_threshold and collapse > self.cfg.collapse_threshold:
             reasons.append(f"state/collapse {collapse:.2f} > {self.cfg.collapse_threshold}")
