@@ -7,7 +7,7 @@ every assistant turn (its first generated token) the probabilities of `<|im_end|
 and `<tool_call>`: `ctrl/turn_p_im_end`, `ctrl/turn_p_tool_call`; and right after `</tool_call>`,
 where the turn should end, p(`<|im_end|>`): `ctrl/after_call_p_im_end` (a drop means calls run on
 into stray text). The paper publishes no
-alarm rule. `SpikeAlarm` has two:
+alarm rule. `SpikeAlarm` has three:
 
 - the spike rule (`spikes`): an exponential moving average of each sampled series' mean and
   variance, firing when a new value lies more than `threshold` standard deviations from the
@@ -67,7 +67,7 @@ HEALTH_WATCHED = ("ctrl/health_drift", "ctrl/health_drift_all")
 
 
 class SpikeAlarm:
-    """`ctrl/alarm` over the metric rows: the EMA spike rule and the health-drift rule."""
+    """`ctrl/alarm` over the metric rows: the EMA spike, health-drift and pollution-drift rules."""
 
     def __init__(
         self,
@@ -93,7 +93,8 @@ class SpikeAlarm:
         self.pollution_start: float | None = None
 
     def update(self, row: dict[str, Any]) -> dict[str, float]:
-        """Fold this step's values in; returns `ctrl/alarm` (0/1) and `ctrl/z_<name>`."""
+        """Fold this step's values in; returns `ctrl/alarm` (0/1), `ctrl/z_<name>` and the drifts
+        (`ctrl/health_drift*`, `ctrl/pollution_drift`) of the values the row has."""
         out: dict[str, float] = {}
         alarm = False
         for key, direction in WATCHED.items():

@@ -27,9 +27,9 @@ from fastrl.config import GuardConfig
 log = logging.getLogger(__name__)
 
 SNAPSHOT_TAG = "healthy"
+SNAPSHOT_CANDIDATE = "healthy_candidate"
 # what the alarm's rules watch (fastrl.monitor.control_tokens), named in the guard's log line
 ALARM_DRIFTS = ("ctrl/health_drift", "ctrl/health_drift_all", "ctrl/pollution_drift")
-SNAPSHOT_CANDIDATE = "healthy_candidate"
 
 
 @dataclass
