@@ -32,10 +32,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from fastrl.config import MonitorConfig  # noqa: E402
-from fastrl.monitor.control_tokens import SpikeAlarm  # noqa: E402
+from fastrl.monitor.control_tokens import HEALTH_WATCHED, SpikeAlarm  # noqa: E402
 from fastrl.monitor.report_plan import read_metrics  # noqa: E402
 
-HEALTH = ("ctrl/health_drift", "ctrl/health_drift_all")  # what the alarm's health rule watches
 HEALTH_THRESHOLD = MonitorConfig().health_threshold  # the defaults the figures mark
 POLLUTION_THRESHOLD = MonitorConfig().pollution_threshold
 
@@ -245,8 +244,9 @@ def figures(exp: Path, out: Path) -> list[Path]:
             color = colors[cell]
             steps = range(1, len(rows) + 1)
             axes[0].plot(steps, r["success"], color=color, lw=1)
-            drift = [(i, max(row.get(k, -1e9) for k in HEALTH)) for i, row in enumerate(rows, 1)
-                     if any(k in row for k in HEALTH)]  # fmt: skip
+            drift = [(i, max(row.get(k, -1e9) for k in HEALTH_WATCHED))
+                     for i, row in enumerate(rows, 1)
+                     if any(k in row for k in HEALTH_WATCHED)]  # fmt: skip
             if drift:
                 axes[1].plot(*zip(*drift), "o-", color=color, lw=1, ms=3)
             polluted = [row.get("state/pollution", 0.0) for row in rows]

@@ -64,6 +64,8 @@ WATCHED = {
 
 # the health probe's drifts the health rule watches: control positions, and every token
 HEALTH_WATCHED = ("ctrl/health_drift", "ctrl/health_drift_all")
+# every drift a rule of the alarm compares with its threshold
+ALARM_DRIFTS = (*HEALTH_WATCHED, "ctrl/pollution_drift")
 
 
 class SpikeAlarm:

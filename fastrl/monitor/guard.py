@@ -23,13 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastrl.config import GuardConfig
+from fastrl.monitor.control_tokens import ALARM_DRIFTS  # named in the guard's log line
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_TAG = "healthy"
 SNAPSHOT_CANDIDATE = "healthy_candidate"
-# what the alarm's rules watch (fastrl.monitor.control_tokens), named in the guard's log line
-ALARM_DRIFTS = ("ctrl/health_drift", "ctrl/health_drift_all", "ctrl/pollution_drift")
 
 
 @dataclass
